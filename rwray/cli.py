@@ -1,0 +1,189 @@
+"""`rwray` command line: data prepare, train, quickstart, validate, schema."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reweighted training on Ray, tracked in MLflow.")
+data_app = typer.Typer(no_args_is_help=True, help="Build and check Parquet shard directories.")
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
+
+
+@contextmanager
+def friendly_errors() -> Iterator[None]:
+    """Known bad-input errors become one clear message and exit code 2 (input) or 1 (run), no traceback."""
+    from rwray.config import ConfigError
+    from rwray.data import DataError
+    from rwray.registry import UnknownName
+    from rwray.tracking import TrackingError
+    from rwray.train.loop import NonFiniteLoss
+
+    try:
+        yield
+    except (ConfigError, DataError, UnknownName, TrackingError, FileNotFoundError) as e:
+        console.print(f"[bold red]error:[/] {type(e).__name__}", highlight=False)
+        console.print(str(e), highlight=False, markup=False)
+        raise typer.Exit(2) from None
+    except NonFiniteLoss as e:
+        console.print("[bold red]error:[/] NonFiniteLoss", highlight=False)
+        console.print(str(e), highlight=False, markup=False)
+        raise typer.Exit(1) from None
+
+
+def _parse_pairs(pairs: list[str]) -> dict[str, object]:
+    import yaml
+
+    from rwray.config import ConfigError
+
+    out, problems = {}, []
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        if not sep or not k:
+            problems.append(f"--param {p!r}: expected key=value")
+        else:
+            out[k] = yaml.safe_load(v) if v else ""
+    if problems:
+        raise ConfigError(problems, "command line")
+    return out
+
+
+@data_app.command("prepare")
+def data_prepare(
+    source: str = typer.Argument(..., help="digits | cifar10 | cifar100 | synthetic"),
+    out: Path = typer.Option(..., "--out", help="shard directory to create"),
+    imbalance: str = typer.Option("none", help="none | exp | step"),
+    factor: float = typer.Option(1.0, help="imbalance factor n_max / n_min"),
+    val_per_class: int = typer.Option(20, help="balanced validation samples per class, held out of training"),
+    seed: int = typer.Option(0),
+    label_noise: Optional[str] = typer.Option(None, help="symmetric | asymmetric"),
+    noise_rate: float = typer.Option(0.0),
+    rows_per_shard: int = typer.Option(10000),
+    root: Optional[Path] = typer.Option(None, help="folder holding the source's files (cifar10/cifar100)"),
+    download: bool = typer.Option(False, help="download the source if missing (needs network)"),
+    param: List[str] = typer.Option([], "--param", "-p", help="source parameter key=value, e.g. -p train_per_class=100"),
+    overwrite: bool = typer.Option(False, help="replace an existing shard directory"),
+) -> None:
+    """Write train/val/test Parquet shards and a manifest from a source."""
+    from pydantic import ValidationError
+
+    from rwray.config import ConfigError, _describe
+    from rwray.data import SOURCES, BuilderParams, prepare
+
+    with friendly_errors():
+        entry = SOURCES[source]
+        raw = {"name": source, **_parse_pairs(param)}
+        if root is not None:
+            raw["root"] = str(root)
+        if download:
+            raw["download"] = True
+        braw = dict(imbalance=imbalance, factor=factor, val_per_class=val_per_class, seed=seed,
+                    label_noise=label_noise, noise_rate=noise_rate, rows_per_shard=rows_per_shard)
+        problems, params, builder = [], None, None
+        try:
+            params = entry.params.model_validate(raw)
+        except ValidationError as e:
+            problems += [f"source {_describe(err, raw)}" for err in e.errors()]
+        try:
+            builder = BuilderParams.model_validate(braw)
+        except ValidationError as e:
+            problems += [_describe(err, braw) for err in e.errors()]
+        if problems:
+            raise ConfigError(problems, "rwray data prepare")
+        m = prepare(params, out, builder, overwrite=overwrite)
+        counts = {s: m.splits[s]["num_samples"] for s in ("train", "val", "test")}
+        console.print(f"wrote {out}: {counts}; train per class {m.splits['train']['class_counts']}")
+
+
+@data_app.command("verify")
+def data_verify(directory: Path) -> None:
+    """Check a shard directory against its manifest (checksums, shapes, labels)."""
+    from rwray.data import verify
+
+    with friendly_errors():
+        m = verify(directory)
+        console.print(f"{directory}: ok ({sum(m.splits[s]['num_samples'] for s in m.splits)} samples)")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(config: Path = typer.Argument(..., help="job YAML (see jobs/)"),
+          overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides, e.g. optim.lr=0.05")) -> None:
+    """Train a job on Ray (RAY_ADDRESS or a local Ray) and record it in MLflow."""
+    from rwray import config as C
+    from rwray.train.launch import run
+
+    with friendly_errors():
+        cfg = C.load(config, overrides or [])
+        result = run(cfg)
+        _summary(cfg.name, result)
+
+
+@app.command()
+def quickstart(epochs: Optional[int] = typer.Option(None, help="override train.epochs"),
+               workers: int = typer.Option(2, help="Ray Train workers")) -> None:
+    """Long-tailed digits on 2 local CPU workers, recorded in a local MLflow store."""
+    from rwray import config as C
+    from rwray.train.launch import run
+
+    with friendly_errors():
+        overrides = [f"scaling.num_workers={workers}"] + ([f"train.epochs={epochs}"] if epochs else [])
+        cfg = C.load(JOBS / "quickstart.yaml", overrides)
+        result = run(cfg)
+        _summary(cfg.name, result)
+        db = result.tracking_uri
+        console.print(f"\nOpen the MLflow UI:  mlflow ui --backend-store-uri {db} --host 127.0.0.1 --port 5000"
+                      f"\n                    then browse http://127.0.0.1:5000 (run {result.run_id[:8]})")
+
+
+@app.command("validate")
+def validate_jobs(files: List[Path]) -> None:
+    """Validate job files; every problem of every file is listed."""
+    from rwray import config as C
+
+    failed = 0
+    for f in files:
+        try:
+            C.load(f)
+            console.print(f"ok    {f}")
+        except C.ConfigError as e:
+            failed += 1
+            console.print(f"[red]FAIL[/]  {e}", highlight=False)
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def schema() -> None:
+    """Print the job schema (JSON Schema): every section, key, type, default and range."""
+    from rwray.config import Config
+
+    sys.stdout.write(json.dumps(Config.model_json_schema(), indent=2) + "\n")
+
+
+def _summary(name: str, result) -> None:
+    m = result.metrics
+    t = Table(title=f"{name}: test metrics at the epoch chosen on validation (epoch {int(m.get('best/epoch', -1)) + 1})")
+    for col in ("split", "top1", "balanced", "many", "medium", "few"):
+        t.add_column(col, justify="right")
+
+    def pct(key: str) -> str:
+        return f"{100 * m[key]:.1f}" if key in m else "-"
+
+    t.add_row("test (selected)", *(pct(f"best/test/{k}") for k in ("top1", "balanced_acc", "many_acc", "medium_acc", "few_acc")))
+    t.add_row("val (last)", *(pct(f"val/{k}") for k in ("top1", "balanced_acc", "many_acc", "medium_acc", "few_acc")))
+    t.add_row("test (last)", *(pct(f"test/{k}") for k in ("top1", "balanced_acc", "many_acc", "medium_acc", "few_acc")))
+    Console().print(t)
+    console.print(f"MLflow run {result.run_id} in {result.tracking_uri}")
+
+
+if __name__ == "__main__":
+    app()

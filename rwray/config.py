@@ -1,0 +1,204 @@
+"""The job schema. A YAML file in jobs/ is its serialisation; ``a.b=v`` overrides any field by dotted path.
+
+Validation reports every problem at once, each with its dotted path; for registered names (data source, model,
+method, loss) the message lists the valid choices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rwray.data.shards import BuilderParams
+from rwray.data.sources import SOURCES
+from rwray.methods import MethodConfig
+from rwray.methods.erm import ERMParams
+from rwray.models import ModelConfig
+from rwray.registry import union_of
+
+SourceConfig = union_of(SOURCES)
+
+# Model selection happens on these (validation split only: the test split is reported, never used to choose).
+SelectMetric = Literal["val/balanced_acc", "val/top1", "val/many_acc", "val/medium_acc", "val/few_acc"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    dir: Path  # shard directory written by `rwray data prepare`
+    source: SourceConfig | None = None  # when set and `dir` holds no shards yet, they are built from it first
+    builder: BuilderParams = BuilderParams()  # long-tail / validation / noise options used with `source`
+    batch_size: int = Field(128, ge=1)  # per worker
+    eval_batch_size: int = Field(512, ge=1)  # per worker
+    augment: Literal["none", "flip", "crop_flip"] = "none"
+    crop_padding: int = Field(4, ge=0)
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    nesterov: bool = False
+    weight_decay: float = Field(2e-4, ge=0)
+
+
+class ScheduleConfig(Section):
+    name: Literal["step", "cosine", "constant"] = "step"
+    warmup_epochs: int = Field(0, ge=0)  # linear warm-up from lr/warmup_epochs to lr (LDAM/ABSGD recipe: 5)
+    milestones: list[int] = []  # step: multiply lr by gamma at each of these epochs
+    gamma: float = Field(0.1, gt=0, le=1)
+    min_lr: float = Field(0.0, ge=0)  # cosine floor
+
+    @model_validator(mode="after")
+    def _sorted(self) -> "ScheduleConfig":
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
+            raise ValueError("milestones must be strictly increasing")
+        return self
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1)
+    seed: int = 0
+    grad_accum: int = Field(1, ge=1)
+    amp: Literal["auto", "bf16", "none"] = "auto"  # auto: bf16 autocast on GPU, none on CPU
+    select_metric: SelectMetric = "val/balanced_acc"
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+
+
+class TrackingConfig(Section):
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI if set, else sqlite:///<output_dir>/mlflow.db
+    experiment: str = "rwray"
+    run_name: str | None = None
+
+
+class Config(Section):
+    name: str = "rwray"
+    output_dir: Path = Path("runs")  # MLflow's local store, Ray Train's storage and checkpoints go here
+    resume: Path | None = None  # a checkpoint directory to continue from
+    data: DataConfig
+    model: ModelConfig
+    method: MethodConfig = ERMParams()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-path view of every field (MLflow params)."""
+        return flatten(self.model_dump(mode="json"))
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: Sequence[str], source: str = "config"):
+        self.problems = list(problems)
+        head = f"{source}: {len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
+        super().__init__("\n".join([head, *(f"  - {p}" for p in self.problems)]))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """Apply ``a.b=v`` overrides (v parsed as YAML) to a copy of raw; returns (new dict, problems)."""
+    import copy
+
+    out, problems = copy.deepcopy(raw), []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"override {item!r}: expected dotted.path=value, e.g. optim.lr=0.05")
+            continue
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as e:
+            problems.append(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})")
+            continue
+        node, parts = out, key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.setdefault(part, {})
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                problems.append(f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = value
+    return out, problems
+
+
+def _describe(err: dict[str, Any], raw: Any) -> str:
+    # Drop the union tag pydantic inserts into locations (method.absgd.lam -> method.lam).
+    path, node = [], raw
+    for part in err["loc"]:
+        if isinstance(node, dict) and part == node.get("name") and part not in node:
+            continue
+        path.append(str(part))
+        node = node.get(part) if isinstance(node, dict) else (node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None)
+    where = ".".join(path) or "(top level)"
+    kind, msg = err["type"], err["msg"]
+    if kind == "union_tag_invalid":
+        section = path[-1] if path else "part"
+        tags = err.get("ctx", {}).get("expected_tags", "")
+        return f"{where}.name: unknown {section} {err['ctx'].get('tag')!r}; choose one of: {tags.replace(chr(39), '')}"
+    if kind == "union_tag_not_found":
+        return f"{where}: missing 'name' (which {path[-1] if path else 'part'} to use)"
+    if kind == "extra_forbidden":
+        return f"{where}: unknown key (check the spelling; see `rwray schema` for every valid key)"
+    if kind == "missing":
+        return f"{where}: required"
+    if kind == "literal_error" and where.endswith("name"):
+        return f"{where}: {msg} (got {err.get('input')!r})"
+    shown = err.get("input")
+    return f"{where}: {msg}" + (f" (got {shown!r})" if not isinstance(shown, dict) and kind != "value_error" else "")
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError([_describe(err, raw) for err in e.errors()], source) from None
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a job YAML, apply overrides, validate. Raises ConfigError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"no such job file: {path} (see jobs/ for examples)"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"not valid YAML: {e}"], str(path)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(["the top level must be a mapping of sections (data:, model:, method:, ...)"], str(path))
+    raw, problems = apply_overrides(raw, overrides)
+    try:
+        cfg = validate(raw, str(path))
+    except ConfigError as e:
+        raise ConfigError(problems + e.problems, str(path)) from None
+    if problems:
+        raise ConfigError(problems, str(path))
+    return cfg

@@ -1,0 +1,46 @@
+import math
+
+import torch
+
+from rwray.config import ScheduleConfig
+from rwray.data.augment import decode, random_crop, random_flip
+from rwray.optim import lr_factor
+
+
+def test_decode_shape_and_scale():
+    rows = torch.arange(2 * 3 * 4 * 4, dtype=torch.int64).remainder(256).to(torch.uint8).view(2, 48)
+    x = decode(rows, (3, 4, 4))
+    assert x.shape == (2, 3, 4, 4) and x.dtype == torch.float32
+    assert torch.equal(x[1, 0, 0], rows[1, :4].float() / 255)
+
+
+def test_random_crop_matches_per_image_slicing():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 8, 8, generator=g)
+    out = random_crop(x, 2, torch.Generator().manual_seed(1))
+    # replay the offsets: the op must equal padding each image and slicing its window
+    g2 = torch.Generator().manual_seed(1)
+    dy, dx = torch.randint(0, 5, (16,), generator=g2), torch.randint(0, 5, (16,), generator=g2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(16):
+        assert torch.equal(out[i], padded[i, :, dy[i]:dy[i] + 8, dx[i]:dx[i] + 8])
+
+
+def test_random_flip_flips_some_and_only_horizontally():
+    x = torch.rand(64, 1, 4, 4)
+    out = random_flip(x, torch.Generator().manual_seed(0))
+    flipped = [torch.equal(out[i], x[i].flip(2)) for i in range(64)]
+    kept = [torch.equal(out[i], x[i]) for i in range(64)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+
+
+def test_warmup_then_step_decay_recipe():
+    cfg = ScheduleConfig(name="step", warmup_epochs=5, milestones=[160, 180], gamma=0.01)
+    f = [lr_factor(cfg, e, 200) for e in (0, 4, 5, 159, 160, 179, 180)]
+    assert f == [0.2, 1.0, 1.0, 1.0, 0.01, 0.01, 0.0001]
+
+
+def test_cosine_after_warmup():
+    cfg = ScheduleConfig(name="cosine", warmup_epochs=2)
+    assert lr_factor(cfg, 0, 12) == 0.5 and lr_factor(cfg, 2, 12) == 1.0
+    assert math.isclose(lr_factor(cfg, 7, 12), 0.5)

@@ -1,0 +1,37 @@
+import math
+
+import torch
+
+from rwray.metrics import confusion_matrix, per_class_accuracy, shot_groups, summarize
+
+
+def test_confusion_matrix_and_summary_by_hand():
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    p = torch.tensor([0, 0, 0, 1, 1, 0, 2])
+    cm = confusion_matrix(p, y, 3)
+    assert cm.tolist() == [[3, 1, 0], [1, 1, 0], [0, 0, 1]]
+    s = summarize(cm, train_counts=[500, 50, 5])
+    assert math.isclose(s["top1"], 5 / 7)
+    assert math.isclose(s["balanced_acc"], (3 / 4 + 1 / 2 + 1) / 3)
+    assert math.isclose(s["many_acc"], 0.75) and math.isclose(s["medium_acc"], 0.5) and math.isclose(s["few_acc"], 1.0)
+
+
+def test_shot_group_boundaries():
+    # many: > 100, medium: 20..100 inclusive, few: < 20
+    assert shot_groups([101, 100, 20, 19]) == {"many": [0], "medium": [1, 2], "few": [3]}
+
+
+def test_absent_class_is_excluded_not_zero():
+    cm = confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 1]), 3)
+    acc = per_class_accuracy(cm)
+    assert torch.isnan(acc[2])
+    s = summarize(cm, [5, 5, 5])
+    assert s["balanced_acc"] == 1.0 and "many_acc" not in s
+
+
+def test_summed_confusion_matrices_equal_global_one():
+    # what the all-reduce does: per-worker matrices add up to the single-process matrix
+    g = torch.Generator().manual_seed(0)
+    y, p = torch.randint(0, 4, (100,), generator=g), torch.randint(0, 4, (100,), generator=g)
+    parts = [confusion_matrix(p[i::3], y[i::3], 4) for i in range(3)]
+    assert torch.equal(sum(parts), confusion_matrix(p, y, 4))
