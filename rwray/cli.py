@@ -101,8 +101,8 @@ def data_prepare(
         if problems:
             raise ConfigError(problems, "rwray data prepare")
         m = prepare(params, out, builder, overwrite=overwrite)
-        counts = {s: m.splits[s]["num_samples"] for s in ("train", "val", "test")}
-        console.print(f"wrote {out}: {counts}; train per class {m.splits['train']['class_counts']}")
+        counts = {s: m.num_samples(s) for s in ("train", "val", "test")}
+        console.print(f"wrote {out}: {counts}; train per class {m.class_counts('train')}")
 
 
 @data_app.command("verify")
@@ -112,7 +112,7 @@ def data_verify(directory: Path) -> None:
 
     with friendly_errors():
         m = verify(directory)
-        console.print(f"{directory}: ok ({sum(m.splits[s]['num_samples'] for s in m.splits)} samples)")
+        console.print(f"{directory}: ok ({sum(m.num_samples(s) for s in ('train', 'val', 'test'))} samples)")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -60,11 +60,13 @@ def preflight(uri: str, timeout_s: float = 5.0) -> None:
             raise TrackingError(f"{uri} answered HTTP {r.status_code} to an MLflow API call: is it an MLflow tracking "
                                 f"server? Nothing was trained.")
     elif uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TrackingError(f"cannot create the local MLflow store folder {db.parent}: {e}") from None
+        # Nothing is created here (a bad run leaves nothing behind); the nearest existing folder must be writable.
+        folder = Path(uri[len("sqlite:///"):]).parent
+        while not folder.exists():
+            folder = folder.parent
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(f"cannot write the local MLflow store under {folder}: choose another output_dir or "
+                                f"tracking.uri")
 
 
 def _git_commit() -> str:
@@ -88,12 +90,12 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def start_run(cfg: Config, manifest_sha256: str, extra_tags: Mapping[str, str] = ()) -> tuple[str, str]:
-    """Create (or reuse) the experiment and a new run; log params, tags and the resolved config. -> (uri, run_id)."""
+def start_run(cfg: Config, uri: str, manifest_sha256: str, extra_tags: Mapping[str, str] = ()) -> str:
+    """Create (or reuse) the experiment and a new run; log params, tags and the resolved config. -> run_id."""
     from mlflow.entities import Param, RunTag
 
-    uri = resolve_uri(cfg)
-    preflight(uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     c = client(uri)
     exp = c.get_experiment_by_name(cfg.tracking.experiment)
     exp_id = exp.experiment_id if exp else c.create_experiment(cfg.tracking.experiment, artifact_location=artifact_root(cfg))
@@ -106,7 +108,7 @@ def start_run(cfg: Config, manifest_sha256: str, extra_tags: Mapping[str, str] =
         c.log_batch(run_id, params=params[i:i + PARAM_BATCH])
     c.log_text(run_id, cfg.to_yaml(), "config.yaml")
     c.log_batch(run_id, tags=[RunTag("mlflow.note.content", f"rwray job {cfg.name}")])
-    return uri, run_id
+    return run_id
 
 
 def finish(uri: str, run_id: str, error: BaseException | None) -> None:

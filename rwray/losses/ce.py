@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 
 from rwray.losses.base import PerSampleLoss
-from rwray.methods.base import DataInfo
 from rwray.registry import Params
+
+if TYPE_CHECKING:  # methods import losses; losses only need the type
+    from rwray.methods.base import DataInfo
 
 
 class CEParams(Params):
@@ -22,7 +24,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class CrossEntropy(PerSampleLoss):
-    def __init__(self, params: CEParams, info: DataInfo):
+    def __init__(self, params: CEParams, info: "DataInfo"):
         super().__init__()
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

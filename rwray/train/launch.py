@@ -41,7 +41,7 @@ def ensure_data(cfg: Config) -> Manifest:
         print(f"preparing {cfg.data.source.name} shards in {d} (first use)", flush=True)
         prepare(cfg.data.source, d, cfg.data.builder)
     manifest = verify(d)
-    if manifest.splits["val"]["num_samples"] == 0:
+    if manifest.num_samples("val") == 0:
         raise DataError(f"{d} has no validation split, and models are selected on validation only: prepare it "
                         f"with --val-per-class > 0 (data.builder.val_per_class)")
     return manifest
@@ -62,9 +62,20 @@ def connect_ray(cfg: Config) -> None:
     ray.init(num_cpus=int(cpus + 0.999), include_dashboard=False, log_to_driver=True)
 
 
+def quiet_data() -> None:
+    """Ray Data's per-operator progress bars would bury the one progress line per epoch."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
 def _datasets(manifest: Manifest) -> dict[str, Any]:
     import ray.data
 
+    quiet_data()
     out = {}
     for split in ("train", "val", "test"):
         ds = ray.data.read_parquet(manifest.shard_paths(split), shuffle=None).materialize()
@@ -97,11 +108,17 @@ def run(cfg: Config) -> RunResult:
     from ray.train.torch import TorchTrainer
 
     from rwray import tracking
+    from rwray.train import checkpoint
     from rwray.train.loop import train_loop_per_worker
 
     cfg = resolve_paths(cfg)
+    uri = tracking.resolve_uri(cfg)
+    tracking.preflight(uri)  # before anything is written or computed
+    if cfg.resume is not None and not (cfg.resume / checkpoint.STATE).is_file():
+        raise FileNotFoundError(f"resume={cfg.resume} is not an rwray checkpoint (no {checkpoint.STATE}); use a "
+                                f"checkpoint_* folder under {cfg.output_dir / 'ray'}")
     manifest = ensure_data(cfg)
-    uri, run_id = tracking.start_run(cfg, manifest.sha256)
+    run_id = tracking.start_run(cfg, uri, manifest.sha256)
     error: BaseException | None = None
     try:
         connect_ray(cfg)
@@ -113,10 +130,10 @@ def run(cfg: Config) -> RunResult:
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(
                 name=f"{cfg.name}-{run_id[:8]}", storage_path=str(cfg.output_dir / "ray"),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                logging_config=ray.train.LoggingConfig(log_level="WARNING")),
             datasets=_datasets(manifest),
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-            resume_from_checkpoint=ray.train.Checkpoint.from_directory(str(cfg.resume)) if cfg.resume else None,
         )
         result = trainer.fit()
         return RunResult(run_id, uri, dict(result.metrics or {}),

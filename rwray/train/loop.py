@@ -135,7 +135,9 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
 
     from rwray.data import Manifest
     from rwray.tracking import RunLogger
+    from rwray.train.launch import quiet_data
 
+    quiet_data()
     cfg = Config.model_validate(job["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -152,7 +154,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     sched = build_scheduler(cfg.schedule, opt, cfg.train.epochs)
 
     start_epoch, best = 0, {"score": float("-inf"), "epoch": -1, "test_cm": None}
-    restored = ray.train.get_checkpoint()
+    # Ray's own checkpoint (a restarted worker group) wins; otherwise the user's resume= (Train V2 leaves that to us).
+    restored = ray.train.get_checkpoint() or (ray.train.Checkpoint.from_directory(str(cfg.resume)) if cfg.resume else None)
     if restored is not None:
         with restored.as_directory() as d:
             state = checkpoint.load(d)
