@@ -328,6 +328,11 @@ class Manifest:
 
     # -- contents
     @property
+    def eval_splits(self) -> list[str]:
+        """Every split but train, in manifest order (val, test, and any extra test sets a builder adds)."""
+        return [s for s in self.data["splits"] if s != "train"]
+
+    @property
     def sha256(self) -> str:
         return hashlib.sha256(self.raw).hexdigest()
 

@@ -77,7 +77,7 @@ def _datasets(manifest: Manifest) -> dict[str, Any]:
 
     quiet_data()
     out = {}
-    for split in ("train", "val", "test"):
+    for split in ("train", *manifest.eval_splits):
         ds = ray.data.read_parquet(manifest.shard_paths(split), shuffle=None).materialize()
         # random_shuffle re-executes on every epoch's iteration: a fresh global order each epoch.
         out[split] = ds.random_shuffle() if split == "train" else ds

@@ -38,6 +38,9 @@ class NonFiniteLoss(FloatingPointError):
             f"{' ...' if len(indices) > 20 else ''}. Inspect those samples (shard column 'index'), lower optim.lr, "
             f"or check the method's parameters (e.g. ABSGD lambda). Training stopped; the last checkpoint is intact.")
 
+    def __reduce__(self):  # crosses process boundaries (Ray worker -> driver) with its fields intact
+        return type(self), (self.epoch, self.step, self.indices)
+
 
 @dataclass
 class Batch:
@@ -190,7 +193,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
         metrics["train/lr"] = opt.param_groups[0]["lr"]
         sched.step()
         metrics.update(method.end_epoch(epoch))
-        cms = {split: evaluate(model, eval_batches(split), info.num_classes, cfg.train.amp) for split in ("val", "test")}
+        cms = {split: evaluate(model, eval_batches(split), info.num_classes, cfg.train.amp) for split in manifest.eval_splits}
         for split, cm in cms.items():
             metrics.update({f"{split}/{k}": v for k, v in summarize(cm.cpu(), info.class_counts).items()})
         metrics["time/epoch_s"] = time.perf_counter() - t0
