@@ -21,7 +21,7 @@ def _check_run(client: MlflowClient, run_id: str, epochs: list[int]):
     assert r.info.status == "FINISHED"
     assert r.data.params["optim.lr"] == "0.05" and r.data.params["scaling.num_workers"] == "2"
     assert len(r.data.tags["rwray.data_manifest_sha256"]) == 64 and "version.ray" in r.data.tags
-    for key in ("val/balanced_acc", "test/balanced_acc", "test/top1", "train/loss", "val/few_acc"):
+    for key in ("val/balanced_acc", "test/balanced_acc", "test/top1", "train/loss", "val/few_acc", "test/class_acc/9"):
         hist = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in hist) == epochs, key  # one value per epoch, no gaps or duplicates
         assert all(0 <= m.value <= 1 for m in hist) or key == "train/loss"

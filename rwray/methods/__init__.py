@@ -1,12 +1,20 @@
 """Registry of reweighting methods: one file each, one entry here, one test file in tests/."""
 
-from rwray.methods import absgd, erm
+from rwray.methods import absgd, erm, rebias
 from rwray.methods.base import DataInfo, Method, StepInputs, StepOutput, weighted_loss
 from rwray.registry import Registry, union_of
 
 METHODS: Registry[Method] = Registry("method")
 METHODS.add("erm", erm.ERMParams, erm.ERM, "empirical risk minimisation: uniform weights")
 METHODS.add("absgd", absgd.ABSGDParams, absgd.ABSGD, "attentional-biased SGD: w_i = exp(loss_i/lambda)/u, moving-average u")
+
+METHODS.add("rebias", rebias.ReBiasParams, rebias.ReBias, "ReBias: f minimises CE + lambda_f HSIC(f, g); g (1x1 convs) minimises CE - lambda_g HSIC(g, f)")
+METHODS.add("vanilla", rebias.VanillaParams, rebias.Vanilla, "ReBias table baseline: target network f alone on CE (lambda = 0)")
+METHODS.add("biased", rebias.BiasedParams, rebias.Biased, "ReBias table baseline: the biased network alone (job sets model.kernel=1)")
+METHODS.add("rubi", rebias.RUBiParams, rebias.RUBi, "RUBi: CE(f_logits * sigmoid(fc(g_feat.detach()))) + CE on g")
+METHODS.add("learned_mixin", rebias.LearnedMixinParams, rebias.LearnedMixin, "LearnedMixin+H: CE(f + softplus(fc(f_feat)) log p_g) + 0.36 H; g frozen after pre-training")
+from rwray.methods import batch_reweight  # noqa: E402
+METHODS.add("batch_reweight", batch_reweight.BatchReweightParams, batch_reweight.BatchReweight, "batch reweighting: w = softmax(-p/temp), p = #similar per-sample gradients in the batch")
 
 MethodConfig = union_of(METHODS)
 

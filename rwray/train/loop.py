@@ -196,6 +196,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
         cms = {split: evaluate(model, eval_batches(split), info.num_classes, cfg.train.amp) for split in manifest.eval_splits}
         for split, cm in cms.items():
             metrics.update({f"{split}/{k}": v for k, v in summarize(cm.cpu(), info.class_counts).items()})
+            acc = per_class_accuracy(cm.cpu())  # [K]; NaN where the split has no sample of the class
+            metrics.update({f"{split}/class_acc/{c}": float(a) for c, a in enumerate(acc) if not torch.isnan(a)})
         metrics["time/epoch_s"] = time.perf_counter() - t0
         metrics["train/samples_per_s"] = metrics["train/samples"] / metrics["time/epoch_s"]
 

@@ -1,0 +1,240 @@
+"""Batch reweighting: weight each sample by how few samples of its batch have a similar gradient.
+
+Per step, on each worker's local batch of B samples:
+
+    g_i  = gradient of l_i w.r.t. the selected parameters (`params`: all | head | last_k), L2-normalised
+    S    = Ĝ Ĝᵀ                                   [B, B] cosine similarities (S_ii = 1)
+    p_i  = #{j : S_ij >= gamma}                   1 <= p_i <= B ("p-score": the sample's gradient-neighbourhood size)
+    w    = weight_fn(p, temp), mean 1             relative to ERM (the loop takes mean_i(w_i l_i))
+
+The seed README never defines the weights from p (only "softmax inside" and `weights/temp`). Ours:
+
+* ``weight_fn="softmax"`` (default): w = B * softmax(-p / temp). Samples with few gradient-neighbours (rare or
+  atypical ones: tail classes, hard or mislabelled samples) weigh more; each extra neighbour divides the weight by
+  e^(1/temp). With temp = 1 and many p_i = 1 in a batch the weight mass concentrates on those samples.
+* ``weight_fn="inverse"``: w ∝ p^(-1/temp), normalised to mean 1; temp = 1 is plain 1/p (a sample in a cluster of
+  p similar samples counts 1/p, so each cluster counts about once).
+Both tend to uniform weights (ERM) as temp -> inf; temp = inf is exactly ERM.
+
+Gradients and Gram: `rwray.methods.gram` (``impl="fast"``: hooks on the loop's own forward and one partial backward
+that keeps the graph for the loop's backward; ``impl="reference"``: torch.func vmap, for checking). Norm layers'
+affine parameters are part of "all"; "head" is the last parametrised module the forward calls (the classifier);
+"last_k" the last k of them, norm layers counted. With BatchNorm in training mode the "per-sample gradient" is
+sample i's contribution to the batch gradient through the batch-coupled graph (see `rwray.methods.gram`); the
+reference implementation refuses that case.
+
+Distributed: the Gram, p-scores and weights are over each worker's LOCAL batch (B per worker, not the global
+batch: a global Gram would need every worker's per-sample gradients). The weights have mean 1 on every worker, so
+DDP's gradient average stays the ERM scale. p-scores are collected per step by sample `index` and gathered
+(`rwray.dist.all_gather_cat`) at every epoch end, so every rank holds the same global table:
+
+    per sample: sum of p-scores, number of times scored, class (the label it was trained with, possibly noisy)
+
+The mean p-score of a sample is its p averaged over the epochs (times) it was scored. `artifacts` writes
+``pscores.parquet`` (index, pscore, class, n_scored), ``score.npy`` [N, 3] float64 = (index, mean p-score, class)
+for the N samples scored at least once, sorted by index, as the seed does, and ``pscore_per_class.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from rwray import dist
+from rwray.losses import LOSSES, LossConfig
+from rwray.losses.ce import CEParams
+from rwray.methods import gram as gm
+from rwray.methods.base import DataInfo, Method, Prepare, StepInputs, StepOutput
+from rwray.registry import Params
+
+
+def batch_reweight_weights(G: torch.Tensor, gamma: float, temp: float, weight_fn: Literal["softmax", "inverse"]
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The method as a pure function: [B, B] Gram of per-sample gradients -> ([B] float64 weights (mean 1),
+    [B] int64 p-scores)."""
+    p = gm.pscores(gm.cosine(G), gamma)
+    return gm.pscore_weights(p, temp, weight_fn), p
+
+
+class BatchReweightParams(Params):
+    name: Literal["batch_reweight"] = "batch_reweight"
+    loss: LossConfig = CEParams()
+    gamma: float = Field(0.7, ge=-1.0, le=1.0, description="cosine threshold: j is i's neighbour when S_ij >= gamma")
+    temp: float = Field(1.0, gt=0.0, description="temperature of the weight function; inf gives ERM")
+    weight_fn: Literal["softmax", "inverse"] = Field("softmax", description="softmax(-p/temp) or p^(-1/temp)")
+    params: Literal["all", "head", "last_k"] = Field("all", description="parameters whose per-sample gradients count")
+    last_k: int = Field(1, ge=1, description="with params=last_k: the last k parametrised modules of the forward")
+    impl: Literal["fast", "reference"] = Field("fast", description="Gram implementation (reference: vmap, for checks)")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class BatchReweight(Method):
+    def __init__(self, params: BatchReweightParams, info: DataInfo):
+        super().__init__(params, info)
+        self.loss = LOSSES.build(params.loss, info)
+        self.capture: gm.GramCapture | None = None
+        n = info.num_train
+        # The global table, identical on every rank after each end_epoch; grows if an index is >= num_train.
+        self._sum = torch.zeros(n, dtype=torch.float64)  # [N] sum of p-scores
+        self._count = torch.zeros(n, dtype=torch.int64)  # [N] times scored
+        self._cls = torch.full((n,), -1, dtype=torch.int64)  # [N] class (-1: never scored)
+        self._pending: list[torch.Tensor] = []  # this epoch's [b, 3] int64 (index, p, class) rows of this worker
+        self.epochs = 0
+
+    # ----- wiring -----------------------------------------------------------------------------------------------
+    def attach(self, model: nn.Module, prepare: Prepare, device: torch.device) -> None:
+        if self.capture is not None:
+            self.capture.close()
+        self.capture = gm.GramCapture(_unwrap(model))
+
+    def close(self) -> None:
+        """Remove the hooks (the method keeps working only after a new attach)."""
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = None
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.loss.begin_epoch(epoch)
+
+    # ----- step -------------------------------------------------------------------------------------------------
+    def step(self, inputs: StepInputs) -> StepOutput:
+        losses = self.loss(inputs.logits, inputs.y)  # [B] with graph
+        B = losses.shape[0]
+        if B == 0:
+            return StepOutput(losses=losses, weights=losses.detach().new_ones(0))
+        cap = self.capture
+        if cap is None or cap.model is not _unwrap(inputs.model):
+            raise RuntimeError("batch_reweight: call attach(model, ...) with the model of the step before training")
+        modules = gm.select_modules(cap.order(), self.params.params, self.params.last_k)
+        if self.params.impl == "fast":
+            G = cap.gram(losses, modules)  # [B, B] float64; graph retained for the loop's backward
+        else:
+            with cap.paused():
+                G = gm.reference_gram(cap.model, inputs.x, inputs.y, self.loss, modules)
+        cap.clear()  # the records hold the outputs (and the graph); the loop's backward does not need them
+        w, p = batch_reweight_weights(G, self.params.gamma, self.params.temp, self.params.weight_fn)
+        self._pending.append(torch.stack([inputs.index.long(), p.to(inputs.index.device), inputs.y.long()], 1).cpu())
+        stats = torch.stack([p.double().mean(), (p == 1).double().mean(), w.max(), w.min()]).tolist()
+        metrics = {"br/pscore_mean": stats[0], "br/frac_p1": stats[1], "br/weight_max": stats[2], "br/weight_min": stats[3]}
+        return StepOutput(losses=losses, weights=w.to(losses.dtype), metrics=metrics)
+
+    # ----- epoch-level ------------------------------------------------------------------------------------------
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        """Gather this epoch's p-scores from all workers into the table (collective); per-class mean p of the epoch."""
+        local = torch.cat(self._pending) if self._pending else torch.zeros(0, 3, dtype=torch.int64)
+        self._pending = []
+        device = self._device_for_collectives()
+        rows = dist.all_gather_cat(local.to(device)).cpu()  # [n_global, 3] (index, p, class)
+        self._add(rows)
+        self.epochs += 1
+        idx, p, cls = rows.unbind(1)
+        out: dict[str, float] = {}
+        if len(rows):
+            out["pscore/mean"] = float(p.double().mean())
+        c = self.info.num_classes
+        sums = torch.zeros(c, dtype=torch.float64).index_add_(0, cls, p.double())
+        counts = torch.zeros(c, dtype=torch.float64).index_add_(0, cls, torch.ones_like(p, dtype=torch.float64))
+        for k in range(c):
+            if counts[k] > 0:
+                out[f"pscore/class_{k}"] = float(sums[k] / counts[k])
+        return out
+
+    def _device_for_collectives(self) -> torch.device:
+        # NCCL needs CUDA tensors; gloo (CPU) takes CPU ones. The model's device is the process group's device.
+        if self.capture is not None:
+            for p in self.capture.model.parameters():
+                return p.device
+        return torch.device("cpu")
+
+    def _add(self, rows: torch.Tensor) -> None:
+        if not len(rows):
+            return
+        idx, p, cls = rows.unbind(1)
+        need = int(idx.max()) + 1
+        if need > len(self._sum):  # ids beyond num_train: grow the table
+            grow = need - len(self._sum)
+            self._sum = torch.cat([self._sum, torch.zeros(grow, dtype=torch.float64)])
+            self._count = torch.cat([self._count, torch.zeros(grow, dtype=torch.int64)])
+            self._cls = torch.cat([self._cls, torch.full((grow,), -1, dtype=torch.int64)])
+        self._sum.index_add_(0, idx, p.double())
+        self._count.index_add_(0, idx, torch.ones_like(idx))
+        self._cls[idx] = cls
+
+    def scores(self) -> torch.Tensor:
+        """[N, 3] float64 (index, mean p-score, class) of every sample scored at least once, sorted by index."""
+        seen = (self._count > 0).nonzero().squeeze(1)  # [N] ascending
+        mean = self._sum[seen] / self._count[seen].double()
+        return torch.stack([seen.double(), mean, self._cls[seen].double()], 1)
+
+    def artifacts(self, out_dir: str) -> list[str]:
+        table = self.scores()
+        if not len(table):
+            return []
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        os.makedirs(out_dir, exist_ok=True)
+        seen = table[:, 0].long()
+        npy = os.path.join(out_dir, "score.npy")
+        np.save(npy, table.numpy())
+        pqt = os.path.join(out_dir, "pscores.parquet")
+        pq.write_table(pa.table({
+            "index": pa.array(seen.numpy(), pa.int64()),
+            "pscore": pa.array(table[:, 1].numpy(), pa.float64()),
+            "class": pa.array(self._cls[seen].numpy(), pa.int64()),
+            "n_scored": pa.array(self._count[seen].numpy(), pa.int64()),
+        }), pqt)
+        return [pqt, npy, self._plot(table, os.path.join(out_dir, "pscore_per_class.png"))]
+
+    def _plot(self, table: torch.Tensor, path: str) -> str:
+        """Box plot of the samples' mean p-scores per class, classes head -> tail, training counts on the axis."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        counts = self.info.class_counts
+        order = sorted(range(len(counts)), key=lambda c: (-counts[c], c))  # head (most samples) first
+        cls = table[:, 2].long()
+        data = [table[cls == c, 1].numpy() for c in order]
+        fig = Figure(figsize=(max(6.0, 0.4 * len(order)), 4.5))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        xs = list(range(1, len(order) + 1))
+        nonempty = [(x, d) for x, d in zip(xs, data) if len(d)]
+        if nonempty:
+            ax.boxplot([d for _, d in nonempty], positions=[x for x, _ in nonempty], widths=0.6, showfliers=True,
+                       flierprops={"markersize": 2})
+        means = [float(d.mean()) if len(d) else math.nan for d in data]
+        ax.plot(xs, means, "o", color="tab:red", markersize=4, label="mean")
+        if len(order) <= 30:
+            ax.set_xticks(xs, [f"{c}\n({counts[c]})" for c in order], fontsize=7)
+        ax.set_xlim(0.3, len(order) + 0.7)
+        ax.set_xlabel("class, head → tail (training count)")
+        ax.set_ylabel("p-score averaged over epochs")
+        ax.set_title(f"batch reweighting p-scores (gamma={self.params.gamma}), {self.epochs} epoch(s)")
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        return path
+
+    # ----- checkpointing ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        # The global table only: the loop checkpoints after end_epoch, when this epoch's rows are already in it.
+        return {"sum": self._sum.clone(), "count": self._count.clone(), "cls": self._cls.clone(), "epochs": self.epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._sum = state["sum"].to(torch.float64).cpu().clone()
+        self._count = state["count"].to(torch.int64).cpu().clone()
+        self._cls = state["cls"].to(torch.int64).cpu().clone()
+        self.epochs = int(state["epochs"])
+        self._pending = []
