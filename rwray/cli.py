@@ -128,6 +128,28 @@ def train(config: Path = typer.Argument(..., help="job YAML (see jobs/)"),
         _summary(cfg.name, result)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def tune(config: Path = typer.Argument(..., help="job YAML with a tune: block (see jobs/sweeps/)"),
+         overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides, e.g. tune.num_samples=8")) -> None:
+    """Sweep a job's tune.space with Ray Tune (ASHA / random / grid / Optuna); each trial is a TorchTrainer."""
+    from rwray import config as C
+    from rwray.tune import sweep
+
+    with friendly_errors():
+        cfg = C.load(config, overrides or [])
+        result = sweep(cfg)
+        t = Table(title=f"{cfg.name}: {len(result.rows)} trials, ranked by {cfg.tune.metric} (best epoch on val)")
+        cols = list(result.rows[0])
+        for c in cols:
+            t.add_column(c, justify="right")
+        key = cfg.tune.metric
+        for r in sorted(result.rows, key=lambda r: -(r[key] if r[key] == r[key] else -1)):
+            t.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()))
+        Console().print(t)
+        console.print(f"best config: {result.best_config_path}  ({result.best})\nMLflow parent run "
+                      f"{result.parent_run_id} in {result.tracking_uri}")
+
+
 @app.command()
 def quickstart(epochs: Optional[int] = typer.Option(None, help="override train.epochs"),
                workers: int = typer.Option(2, help="Ray Train workers")) -> None:

@@ -6,6 +6,7 @@ method, loss) the message lists the valid choices.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -82,6 +83,63 @@ class TrackingConfig(Section):
     run_name: str | None = None
 
 
+class Distribution(Section):
+    """One search dimension: exactly one of the keys, e.g. {loguniform: [1e-3, 1e-1]} or {choice: [1, 5, 10]}."""
+
+    choice: list[Any] | None = None  # sampled uniformly (random / optuna); every value (grid)
+    grid: list[Any] | None = None  # every value, crossed with the other grid dimensions
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None  # [low, high)
+
+    @model_validator(mode="after")
+    def _one(self) -> "Distribution":
+        set_ = [k for k in ("choice", "grid", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError(f"give exactly one of choice, grid, uniform, loguniform, randint (got {set_ or 'none'})")
+        kind = set_[0]
+        value = getattr(self, kind)
+        if kind in ("choice", "grid") and not value:
+            raise ValueError(f"{kind} needs at least one value")
+        if kind in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
+            raise ValueError(f"{kind} needs low < high (got {list(value)})")
+        if kind == "loguniform" and value[0] <= 0:
+            raise ValueError(f"loguniform needs low > 0 (got {value[0]})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("choice", "grid", "uniform", "loguniform", "randint") if getattr(self, k) is not None)
+
+    def example(self) -> Any:
+        v = getattr(self, self.kind)
+        return v[0]
+
+
+class SchedulerConfig(Section):
+    name: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1)  # epochs every trial runs before ASHA may stop it
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class TuneConfig(Section):
+    space: dict[str, Distribution]  # dotted config path -> distribution
+    metric: SelectMetric = "val/balanced_acc"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(4, ge=1)  # samples from the space (with grid: repeats of the whole grid)
+    max_concurrent: int = Field(2, ge=1)
+    scheduler: SchedulerConfig = SchedulerConfig()
+    search: Literal["random", "grid", "optuna"] = "random"
+
+    @model_validator(mode="after")
+    def _space(self) -> "TuneConfig":
+        if not self.space:
+            raise ValueError("tune.space is empty: give at least one dotted path, e.g. method.lam: {choice: [1, 5]}")
+        if self.search == "grid" and any(d.kind not in ("grid", "choice") for d in self.space.values()):
+            raise ValueError("search: grid needs every dimension to be grid or choice")
+        return self
+
+
 class Config(Section):
     name: str = "rwray"
     output_dir: Path = Path("runs")  # MLflow's local store, Ray Train's storage and checkpoints go here
@@ -94,6 +152,8 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
+    tune: TuneConfig | None = None  # used by `rwray tune`; ignored by `rwray train`
+    reference: dict[str, Any] | None = None  # the paper's number for this job and its source (reports)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -172,15 +232,51 @@ def _describe(err: dict[str, Any], raw: Any) -> str:
         return f"{where}: required"
     if kind == "literal_error" and where.endswith("name"):
         return f"{where}: {msg} (got {err.get('input')!r})"
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
     shown = err.get("input")
     return f"{where}: {msg}" + (f" (got {shown!r})" if not isinstance(shown, dict) and kind != "value_error" else "")
 
 
-def validate(raw: dict[str, Any], source: str = "config") -> Config:
+def _errors(raw: dict[str, Any]) -> list[str]:
     try:
-        return Config.model_validate(raw)
+        Config.model_validate(raw)
+        return []
     except ValidationError as e:
-        raise ConfigError([_describe(err, raw) for err in e.errors()], source) from None
+        return [_describe(err, raw) for err in e.errors()]
+
+
+def _space_problems(raw: dict[str, Any]) -> list[str]:
+    """Each tune.space path must name a real field and each of its values must be valid there.
+
+    Checked on the raw input (so these are reported together with every other problem): each value is applied as
+    an override to the job without its tune block, and only the errors it introduces are reported.
+    """
+    tune = raw.get("tune")
+    space = tune.get("space") if isinstance(tune, dict) else None
+    if not isinstance(space, dict):
+        return []
+    base = {k: v for k, v in raw.items() if k != "tune"}
+    known = set(_errors(base))
+    problems: list[str] = []
+    for path, dim in space.items():
+        if not isinstance(dim, dict) or len(dim) != 1:
+            continue  # the schema reports malformed dimensions
+        (kind, values), = dim.items()
+        if not isinstance(values, list) or not values:
+            continue
+        for v in values if kind in ("choice", "grid") else values[:1]:
+            changed, bad = apply_overrides(base, [f"{path}={json.dumps(v)}"])
+            new = bad + [e for e in _errors(changed) if e not in known]
+            problems += [f"tune.space.{path}={v!r}: {e}" for e in new]
+    return list(dict.fromkeys(problems))
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> Config:
+    problems = _errors(raw) + _space_problems(raw)
+    if problems:
+        raise ConfigError(problems, source)
+    return Config.model_validate(raw)
 
 
 def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:

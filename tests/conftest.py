@@ -36,7 +36,9 @@ def ray_local():
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")  # CI machines are small and busy
+    # logical CPUs: 2 concurrent sweep trials x 1 worker, plus slots for each run's Ray Data tasks (see connect_ray)
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 

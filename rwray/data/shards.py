@@ -8,9 +8,10 @@ Layout of a shard directory:
     train-00000.parquet ...       columns: image (fixed-size list<uint8>[C*H*W], CHW flattened), label, index, extras
     val-00000.parquet ...
     test-00000.parquet ...
+    <extra>-00000.parquet ...     a source's extra test sets (e.g. test_unbiased), same columns
 
-``index`` is the sample's position in the source's train pool (train and val) or test array (test), so the same
-image keeps the same id whatever imbalance, noise or seed selected it.
+``index`` is the sample's position in the source's train pool (train and val) or test array (test, and each extra
+test set in its own array), so the same image keeps the same id whatever imbalance, noise or seed selected it.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class Split:
 
 
 def build_splits(raw: RawData, b: BuilderParams) -> dict[str, Split]:
-    """The three splits as arrays, before anything touches disk. Pure function of (raw, b)."""
+    """train, val, test (and the source's extra test sets) as arrays, before anything touches disk. Pure function of
+    (raw, b)."""
     num_classes = len(raw.classes)
     y = raw.train_labels  # [N]
     # Independent streams per stage: changing the noise settings must not change which images are selected, and
@@ -110,13 +112,19 @@ def build_splits(raw: RawData, b: BuilderParams) -> dict[str, Split]:
         counts = longtail_counts(n_max, num_classes, b.imbalance, b.factor)
         train_idx = rest[select_per_class(y[rest], counts, lt_rng)]  # sorted, since rest is sorted
 
-    def take(images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> Split:
-        return Split(images[idx], labels[idx].astype(np.int64), idx.astype(np.int64))
+    def take(images: np.ndarray, labels: np.ndarray, columns: dict[str, np.ndarray], idx: np.ndarray) -> Split:
+        extras = {k: v[idx].astype(np.int64) for k, v in columns.items()}  # the source's extra columns, if any
+        return Split(images[idx], labels[idx].astype(np.int64), idx.astype(np.int64), extras)
+
+    def whole(images: np.ndarray, labels: np.ndarray, columns: dict[str, np.ndarray]) -> Split:
+        return take(images, labels, columns, np.arange(labels.size, dtype=np.int64))
 
     splits = {
-        "train": take(raw.train_images, y, train_idx),
-        "val": take(raw.train_images, y, val_idx),
-        "test": take(raw.test_images, raw.test_labels, np.arange(raw.test_labels.size, dtype=np.int64)),
+        "train": take(raw.train_images, y, raw.extra_train_columns, train_idx),
+        "val": take(raw.train_images, y, raw.extra_train_columns, val_idx),
+        "test": whole(raw.test_images, raw.test_labels, raw.extra_test_columns),
+        # Extra test sets (e.g. test_unbiased): ids are positions in their own arrays, like test.
+        **{name: whole(*extra) for name, extra in raw.extra_test_splits.items()},
     }
     if b.label_noise is not None:
         tr = splits["train"]
@@ -242,7 +250,7 @@ def prepare(source: Params, out: Path, builder: BuilderParams | None = None, ove
     tmp.mkdir()
     try:
         split_info = {}
-        for name in SPLITS:
+        for name in splits:  # train, val, test, then any extra test sets of the source
             s = splits[name]
             split_info[name] = {
                 "num_samples": int(s.labels.size),
@@ -428,7 +436,8 @@ def verify(dir: Path | str, checksums: bool = True) -> Manifest:
     k = m.num_classes
     problems: list[str] = []
 
-    for split in SPLITS:
+    extra_splits = sorted(set(m.data["splits"]) - set(SPLITS))  # a source's extra test sets: checked the same way
+    for split in (*SPLITS, *extra_splits):
         if split not in m.data["splits"]:
             problems.append(f"{MANIFEST}: split {split!r} is missing. Fix: {redo}")
             continue

@@ -6,15 +6,28 @@ Registered in `SOURCES`; the shard builder (`rwray.data.shards.prepare`) does ev
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import numpy as np
 from pydantic import Field
 
-from rwray.data import DataError, cifar
+from rwray.data import DataError, biased, cifar, mnist
 from rwray.registry import Params, Registry, union_of
+
+
+class ExtraSplit(NamedTuple):
+    """An additional evaluation set (e.g. an unbiased test set): written as its own split, evaluated by the loop."""
+
+    images: np.ndarray  # [n, C, H, W] uint8
+    labels: np.ndarray  # [n] int64
+    columns: dict[str, np.ndarray]  # name -> [n] int64, the same names as the other splits' extra columns
+
+
+RESERVED_SPLITS = ("train", "val", "test")
+RESERVED_COLUMNS = ("image", "label", "index", "clean_label")  # base columns, and the label-noise column
 
 
 @dataclass
@@ -24,21 +37,39 @@ class RawData:
     test_images: np.ndarray  # [M, C, H, W] uint8
     test_labels: np.ndarray  # [M] int64
     classes: list[str]
+    # Optional per-sample int64 columns (e.g. "bias": a colour index), aligned with the train pool and the test set;
+    # val inherits the train pool's. Every split carries the same column names (one shard schema).
+    extra_train_columns: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [N]
+    extra_test_columns: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [M]
+    # Further test sets, written as splits of their own name next to train/val/test.
+    extra_test_splits: dict[str, ExtraSplit] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Every source goes through here, so a malformed source fails with a clear message before anything is written.
-        splits = (("train", self.train_images, self.train_labels), ("test", self.test_images, self.test_labels))
-        for split, x, y in splits:
+        self.extra_test_splits = {k: ExtraSplit(*v) for k, v in self.extra_test_splits.items()}  # plain tuples too
+        splits = [("train", self.train_images, self.train_labels, self.extra_train_columns),
+                  ("test", self.test_images, self.test_labels, self.extra_test_columns)]
+        splits += [(name, *extra) for name, extra in self.extra_test_splits.items()]
+        names = sorted(self.extra_train_columns)
+        for split, x, y, columns in splits:
             if x.dtype != np.uint8 or x.ndim != 4:
                 raise DataError(f"{split} images must be uint8 [N, C, H, W], got {x.dtype} {x.shape}")
             if y.shape != (x.shape[0],):
                 raise DataError(f"{split}: {y.shape} labels for {x.shape[0]} images")
             if y.size and (y.min() < 0 or y.max() >= len(self.classes)):
                 raise DataError(f"{split} labels span [{y.min()}, {y.max()}], outside [0, {len(self.classes)})")
-        if self.train_images.shape[1:] != self.test_images.shape[1:]:
-            raise DataError(
-                f"train images {self.train_images.shape[1:]} and test images {self.test_images.shape[1:]} differ"
-            )
+            if x.shape[1:] != self.train_images.shape[1:]:
+                raise DataError(f"train images {self.train_images.shape[1:]} and {split} images {x.shape[1:]} differ")
+            if sorted(columns) != names:
+                raise DataError(f"{split} has extra columns {sorted(columns)}, train has {names}: all splits need the same")
+            for name, v in columns.items():
+                if name in RESERVED_COLUMNS:
+                    raise DataError(f"extra column name {name!r} is reserved ({', '.join(RESERVED_COLUMNS)})")
+                if v.shape != (x.shape[0],) or not np.issubdtype(v.dtype, np.integer):
+                    raise DataError(f"{split} column {name!r} must be [{x.shape[0]}] integers, got {v.dtype} {v.shape}")
+        for name in self.extra_test_splits:
+            if name in RESERVED_SPLITS or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise DataError(f"extra split name {name!r} must match [a-z][a-z0-9_]* and not be train, val or test")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -151,5 +182,56 @@ SOURCES.add("digits", DigitsParams, build_digits, "scikit-learn 8x8 digits (ship
 SOURCES.add("cifar10", Cifar10Params, build_cifar, "CIFAR-10 from torchvision's extracted on-disk layout")
 SOURCES.add("cifar100", Cifar100Params, build_cifar, "CIFAR-100 (fine labels) from torchvision's on-disk layout")
 SOURCES.add("synthetic", SyntheticParams, build_synthetic, "seeded learnable patterns + noise, any image shape")
+
+
+# ------------------------------------------------------------------------------------------------- colour-biased
+
+
+Rho = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class BiasedMnistParams(Params):
+    name: Literal["biased-mnist"] = "biased-mnist"
+    root: Path = Field(description="folder with the four MNIST IDX files (.gz or not), or torchvision's MNIST/raw")
+    download: bool = Field(False, description="fetch the MNIST files into root/MNIST/raw if missing (torchvision)")
+    rho: Rho = Field(0.99, description="train (and val) share of each class drawn on its own colour; paper: "
+                                       "0.99, 0.995, 0.997, 0.999")
+    unbiased_rho: Rho = Field(0.1, description="rho of the test_unbiased split (0.1: colour independent of class)")
+    seed: int = 0
+
+
+class BiasedDigitsParams(Params):
+    name: Literal["biased-digits"] = "biased-digits"
+    rho: Rho = 0.99
+    unbiased_rho: Rho = 0.1
+    test_per_class: int = Field(50, ge=1, description="held-out test images per class, as for `digits`")
+    seed: int = 0
+
+
+def _biased_raw(train_gray: np.ndarray, train_y: np.ndarray, test_gray: np.ndarray, test_y: np.ndarray,
+                p: BiasedMnistParams | BiasedDigitsParams) -> RawData:
+    sets = biased.biased_sets(train_gray, train_y, test_gray, test_y, p.rho, p.unbiased_rho, p.seed)
+    (tr_x, tr_y, tr_c), (te_x, te_y, te_c) = sets["train"], sets["test"]
+    un_x, un_y, un_c = sets["test_unbiased"]
+    return RawData(tr_x, tr_y, te_x, te_y, [str(c) for c in range(10)],
+                   extra_train_columns={"bias": tr_c}, extra_test_columns={"bias": te_c},
+                   extra_test_splits={"test_unbiased": ExtraSplit(un_x, un_y, {"bias": un_c})})
+
+
+def build_biased_mnist(p: BiasedMnistParams) -> RawData:
+    """Biased MNIST: train pool = MNIST train at rho (val is carved from it, so it is biased like train); test = the
+    10k test images at rho = 1; test_unbiased = the same images at unbiased_rho. Column `bias` = colour index."""
+    a = mnist.read_mnist(p.root, download_missing=p.download)
+    return _biased_raw(a.train_images, a.train_labels, a.test_images, a.test_labels, p)
+
+
+def build_biased_digits(p: BiasedDigitsParams) -> RawData:
+    """Biased MNIST's construction on scikit-learn's 8x8 digits (no download): a CPU-sized version of the benchmark."""
+    d = build_digits(DigitsParams(test_per_class=p.test_per_class, seed=p.seed))
+    return _biased_raw(d.train_images[:, 0], d.train_labels, d.test_images[:, 0], d.test_labels, p)
+
+
+SOURCES.add("biased-mnist", BiasedMnistParams, build_biased_mnist, "colour-biased MNIST (ReBias): IDX files, rho, test_unbiased split")
+SOURCES.add("biased-digits", BiasedDigitsParams, build_biased_digits, "colour-biased 8x8 digits (no download), test_unbiased split")
 
 SourceConfig = union_of(SOURCES)

@@ -24,8 +24,8 @@ Two implementations of the same quantity:
       or materialise the layer's [B, out*in] per-sample gradients and multiply            ("materialise": B x d_layer)
 
   whichever costs fewer flops: pairwise is (BT)^2 (in + out), materialise is BT*in*out + B^2*in*out. Linear layers
-  (T = 1) always go pairwise; ResNet convs (T = 64..1024) always materialise, via unfold in batch chunks so the
-  unfolded input never exceeds ~`_CHUNK_BYTES`. Bias: g_i(b) = sum_t e_it. Norm layers: g_i(weight) = sum_space
+  (T = 1) always go pairwise; ResNet convs (T = 64..1024) always materialise, with one weight-gradient convolution
+  whose groups hold the batch (no unfolded input). Bias: g_i(b) = sum_t e_it. Norm layers: g_i(weight) = sum_space
   e_i * x̂_i, g_i(bias) = sum_space e_i, with x̂ recomputed from the captured input. Any other parametrised module
   (e.g. the cosine head `NormedLinear`) goes through a per-module fallback: vmap over samples of the vjp of that
   module alone at (x_i, e_i), which materialises only that module's per-sample gradients.
@@ -38,7 +38,9 @@ a one-sample forward is not what training uses. The fast path computes, for ever
       g_i = sum over layers of (sample i's activations) x (d(sum_j l_j) / d(sample i's layer output)),
 
 the *contribution of sample i's own activations to the batch gradient*, through the batch-coupled graph exactly as
-the training step sees it. The g_i sum to the batch gradient of sum_j l_j (the tests check 1ᵀ G 1 = |grad|^2), and
+the training step sees it. Equivalently, g_i = d(sum_j l_j)/d(theta_i) where theta_i is a private copy of the
+parameters that only sample i's activations use (the batch statistics stay shared); the tests build exactly that
+network by hand and compare. The g_i sum to the batch gradient of sum_j l_j (1ᵀ G 1 = |grad|^2), and
 without coupling (GroupNorm, no norm, BatchNorm in eval mode) g_i is exactly grad l_i, which is what both
 implementations compute and the tests compare. The vmap reference cannot express the coupled quantity (one sample
 per call has no batch), so it refuses a model with BatchNorm using batch statistics rather than silently computing
@@ -64,7 +66,6 @@ Strategy = Literal["auto", "pairwise", "materialise"]
 Which = Literal["all", "head", "last_k"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits [B, K], targets [B]) -> [B]
 
-_CHUNK_BYTES = 16 * 2**20  # cap on one unfolded conv-input chunk (bounds the fast path's peak memory)
 _PAIRWISE_MAX_ELEMS = 2**24  # cap on a (BT)^2 pairwise Gram (64 MiB in float32)
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
@@ -234,24 +235,23 @@ def _unfold(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
 
 
-def _chunk(b: int, per_sample_bytes: int) -> int:
-    return max(1, min(b, _CHUNK_BYTES // max(per_sample_bytes, 1)))
-
-
 def conv2d_weight_per_sample(module: nn.Conv2d, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """[B, Cin, H, W], [B, Cout, Ho, Wo] -> [B, Cout * Cin/g * kh * kw] per-sample weight gradients (weight's layout),
-    built from the unfolded input in batch chunks (the full [B, Cin*k*k, T] unfold is never held)."""
-    B = x.shape[0]
+    """[B, Cin, H, W], [B, Cout, Ho, Wo] -> [B, Cout * Cin/g * kh * kw] per-sample weight gradients (weight's layout).
+
+    One weight-gradient convolution with the batch folded into the groups: input [1, B*Cin, H, W], output gradient
+    [1, B*Cout, Ho, Wo], groups B*g, so group b*g + k is sample b's group k and the result [B*Cout, Cin/g, kh, kw]
+    is every sample's own weight gradient. Same flops as the batched weight gradient, and no unfolded input.
+    """
+    B, cin, H, W = x.shape
     dt = _work_dtype(x)
-    g, p, q = _conv_dims(module)
-    T = e.shape[2] * e.shape[3]
-    M = torch.empty(B, g * q * p, dtype=dt, device=x.device)
-    c = _chunk(B, g * p * T * torch.finfo(dt).bits // 8)
-    for s in range(0, B, c):
-        U = _unfold(module, x[s : s + c].to(dt)).view(-1, g, p, T)  # [c, g, p, T]
-        Ec = e[s : s + c].to(dt).reshape(-1, g, q, T)  # [c, g, q, T]
-        M[s : s + c] = torch.matmul(Ec, U.transpose(-1, -2)).reshape(U.shape[0], -1)  # [c, g*q*p]
-    return M
+    cout, ho, wo = e.shape[1:]
+    w_shape = (B * cout, cin // module.groups, *module.kernel_size)
+    grad_w = torch.ops.aten.convolution_backward(
+        e.to(dt).reshape(1, B * cout, ho, wo), x.to(dt).reshape(1, B * cin, H, W),
+        x.new_empty((), dtype=dt).expand(w_shape),  # only its shape is read
+        None, list(module.stride), list(module.padding), list(module.dilation), False, [0, 0], B * module.groups,
+        [False, True, False])[1]  # [B*Cout, Cin/g, kh, kw]
+    return grad_w.reshape(B, -1)
 
 
 def conv2d_per_sample(module: nn.Conv2d, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ The loop checkpoints at epoch ends, when no median window is open; a window's ro
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Literal
 
@@ -56,7 +57,6 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from rwray import dist
-from rwray.losses.ce import cross_entropy
 from rwray.methods.base import DataInfo, Method, Prepare, StepInputs, StepOutput
 from rwray.methods.hsic import MIN_SAMPLES, Estimator, hsic, median_sigma
 from rwray.models.simple_conv import SimpleConvNet, SimpleConvParams
@@ -186,6 +186,16 @@ class GlobalRows:
         return torch.cat([all_rows[: self.start], local, all_rows[self.start + self.b :]])  # [M, D]
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 (AMP) -> float32; float32 and float64 pass unchanged. HSIC and CE need full precision."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[B, K], [B] -> [B] per-sample CE in at least float32."""
+    return F.cross_entropy(_full(logits), y, reduction="none")
+
+
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
     """[B, K] -> [B] entropy of softmax(logits), from log-probabilities (no log 0)."""
     lp = F.log_softmax(logits, dim=1)
@@ -242,7 +252,7 @@ class TwoNetMethod(Method):
     def g_forward(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast(inputs):
             logits, feats = self.g(inputs.x, return_features=True)
-        return logits.float(), feats.float()  # [B, K], [B, Dg]
+        return _full(logits), _full(feats)  # [B, K], [B, Dg]
 
     def g_update(self, inputs: StepInputs, extra=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step of g on CE(g) (+ extra(g_feat) if given). Returns detached (CE, extra)."""
@@ -294,7 +304,9 @@ class TwoNetMethod(Method):
         for k, h in self.heads.items():
             _bare(h).load_state_dict(state["heads"][k])
         for k, o in self.opts.items():
-            o.load_state_dict(state["opts"][k])
+            # A copy: Optimizer.load_state_dict keeps same-device tensors by reference, and the caller's dict must not
+            # alias live optimizer state (loading one state into two methods would otherwise couple them).
+            o.load_state_dict(copy.deepcopy(state["opts"][k]))
         self.epoch = int(state["epoch"])
         self.load_extra_state(state)
 
@@ -337,13 +349,18 @@ class ReBias(TwoNetMethod):
         s = self.sigma_f if which == "f" else self.sigma_g
         if s is not None:
             return s
-        s = median_sigma(rows, self.params.median_max_samples)  # first window of the run not complete yet
+        # First window of the run not complete yet: the current global batch's median (a seeded subsample, so every
+        # worker draws the same rows; the global RNG is seeded per rank by the loop).
+        s = median_sigma(rows, self.params.median_max_samples, self._generator())
         return s if math.isfinite(s) and s > 0 else 1.0
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.params.seed * 1_000_003 + self.epoch)
 
     def _close_window(self) -> None:
         """σ_f, σ_g <- median pairwise distance over the window's rows (identical on every worker: rows are global)."""
         if self._window:
-            gen = torch.Generator().manual_seed(self.params.seed * 1_000_003 + self.epoch)
+            gen = self._generator()
             f_rows = torch.cat([f for f, _ in self._window])  # [n, Df]
             g_rows = torch.cat([g for _, g in self._window])  # [n, Dg]
             for which, rows in (("f", f_rows), ("g", g_rows)):
@@ -365,7 +382,7 @@ class ReBias(TwoNetMethod):
         p = self.params
         n_workers = dist.world_size()
         rows = GlobalRows(inputs.y.shape[0], inputs.x.device)
-        f_feat = inputs.features.float()  # [B, Df] with graph
+        f_feat = _full(inputs.features)  # [B, Df] with graph
         f_all = rows.gather(f_feat)  # [M, Df] detached, global
         use_hsic = rows.total >= MIN_SAMPLES[p.estimator]
         sig_f = self._sigma("f", f_all) if use_hsic else 1.0
@@ -418,8 +435,9 @@ class ReBias(TwoNetMethod):
         return {"sigma_f": self.sigma_f, "sigma_g": self.sigma_g}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.sigma_f = None if state["sigma_f"] is None else float(state["sigma_f"])
-        self.sigma_g = None if state["sigma_g"] is None else float(state["sigma_g"])
+        if self.median:  # a fixed σ comes from the config, so a resumed run may change it; a median is running state
+            self.sigma_f = None if state["sigma_f"] is None else float(state["sigma_f"])
+            self.sigma_g = None if state["sigma_g"] is None else float(state["sigma_g"])
 
 
 # --------------------------------------------------------------------------------------------------------- RUBi
@@ -441,7 +459,7 @@ class RUBi(TwoNetMethod):
         fc = self.heads["fc"]
         mask_logits = fc(g_feat)  # [B, K], graph into fc only
         mask = torch.sigmoid(mask_logits)
-        f_logits = inputs.logits.float()  # [B, K]
+        f_logits = _full(inputs.logits)  # [B, K]
         losses = cross_entropy(f_logits * mask.detach(), inputs.y)  # [B] f's fused CE at fc's pre-update values
         head_loss = cross_entropy(f_logits.detach() * mask, inputs.y).mean() + p.question_loss_weight * cross_entropy(
             mask_logits, inputs.y
@@ -491,7 +509,7 @@ class LearnedMixin(TwoNetMethod):
         g_lp = F.log_softmax(g_logits, dim=1)  # [B, K] no graph
         fc = self.heads["fc"]
         bare = _bare(fc)
-        f_logits, f_feat = inputs.logits.float(), inputs.features.float()
+        f_logits, f_feat = _full(inputs.logits), _full(inputs.features)
         # f's loss: gradient into f (through f_logits and f_feat) at fc's current values, held fixed. Cloned: the
         # loop back-propagates f's loss after fc's in-place update below, and autograd needs the values it saw.
         w, b = bare.weight.detach().clone(), bare.bias.detach().clone()  # [1, Df], [1]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rwray.config import Config
 from rwray.data import DataError, Manifest, prepare, verify
@@ -47,7 +47,7 @@ def ensure_data(cfg: Config) -> Manifest:
     return manifest
 
 
-def connect_ray(cfg: Config) -> None:
+def connect_ray(cfg: Config, concurrent_runs: int = 1) -> None:
     """Join RAY_ADDRESS when set (a cluster or `ray start --head`), otherwise start a local Ray."""
     import ray
 
@@ -57,8 +57,12 @@ def connect_ray(cfg: Config) -> None:
         ray.init(log_to_driver=True)
         return
     # Train workers hold whole CPUs for the run; Ray Data's read and shuffle tasks need slots of their own or the
-    # run waits forever on a small machine. Declare a little more logical CPU than the workers take.
-    cpus = max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 2
+    # run waits forever on a small machine. Declare more logical CPU than the workers take: two slots per
+    # concurrent run for its data tasks. Worker processes import torch: on a loaded laptop that can take longer
+    # than Ray Train's default 60 s start-up timeout.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    cpus = max(os.cpu_count() or 1, concurrent_runs * cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) \
+        + 2 * concurrent_runs
     ray.init(num_cpus=int(cpus + 0.999), include_dashboard=False, log_to_driver=True)
 
 
@@ -103,7 +107,8 @@ def root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def run(cfg: Config) -> RunResult:
+def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] = ()) -> RunResult:
+    """Train one job. Under `rwray tune`, a trial passes its sweep's MLflow run and Tune's report callback."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -118,7 +123,8 @@ def run(cfg: Config) -> RunResult:
         raise FileNotFoundError(f"resume={cfg.resume} is not an rwray checkpoint (no {checkpoint.STATE}); use a "
                                 f"checkpoint_* folder under {cfg.output_dir / 'ray'}")
     manifest = ensure_data(cfg)
-    run_id = tracking.start_run(cfg, uri, manifest.sha256)
+    run_id = tracking.start_run(cfg, uri, manifest.sha256,
+                                {"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
     error: BaseException | None = None
     try:
         connect_ray(cfg)
@@ -131,7 +137,7 @@ def run(cfg: Config) -> RunResult:
             run_config=ray.train.RunConfig(
                 name=f"{cfg.name}-{run_id[:8]}", storage_path=str(cfg.output_dir / "ray"),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"), callbacks=list(callbacks)),
             datasets=_datasets(manifest),
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         )

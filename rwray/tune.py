@@ -1,0 +1,184 @@
+"""Sweeps: `rwray tune JOB.yaml` searches any dotted config path with Ray Tune.
+
+Ray 2.60 (Train V2) pattern: each Tune trial is a tiny driver function that builds and fits its own TorchTrainer
+(so a trial may use many workers); Tune's report callback forwards every epoch's metrics, so ASHA can stop trials.
+MLflow: one parent run per sweep, one child run per trial (tag mlflow.parentRunId); at the end the best trial's
+config is written as a runnable job YAML and a summary table is printed and logged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rwray.config import Config, TuneConfig, apply_overrides, validate
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    tracking_uri: str
+    best_config_path: Path
+    best: dict[str, Any]  # the best trial's sampled values and metric
+    rows: list[dict[str, Any]]  # one per trial
+
+
+def search_space(tc: TuneConfig) -> dict[str, Any]:
+    """Dotted path -> Ray Tune distribution (flat keys: a trial's sample is a list of overrides)."""
+    from ray import tune
+
+    def one(d) -> Any:
+        if d.kind == "grid" or (d.kind == "choice" and tc.search == "grid"):
+            return tune.grid_search(list(getattr(d, d.kind)))
+        if d.kind == "choice":
+            return tune.choice(list(d.choice))
+        if d.kind == "uniform":
+            return tune.uniform(*d.uniform)
+        if d.kind == "loguniform":
+            return tune.loguniform(*d.loguniform)
+        return tune.randint(*d.randint)
+
+    return {path: one(d) for path, d in tc.space.items()}
+
+
+def trial_config(base: dict[str, Any], sample: dict[str, Any], run_name: str | None = None) -> Config:
+    """The job a trial runs: the sweep's job without its tune block, with the sampled values applied."""
+    overrides = [f"{k}={json.dumps(v)}" for k, v in sample.items()]
+    if run_name:
+        overrides.append(f"tracking.run_name={json.dumps(run_name)}")
+    raw, problems = apply_overrides({k: v for k, v in base.items() if k != "tune"}, overrides)
+    assert not problems, problems  # paths were validated with the sweep's config
+    return validate(raw, "trial")
+
+
+def _trial(sample: dict[str, Any], base: dict[str, Any], parent_run_id: str) -> None:
+    """Runs inside a Tune trial actor: a driver for one TorchTrainer."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from rwray.train.launch import run
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(base, sample, run_name=f"{base.get('name', 'rwray')}-{trial_id}")
+    run(cfg, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
+
+
+def _scheduler(cfg: Config):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = cfg.tune.scheduler
+    if s.name == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)
+
+
+def _search_alg(cfg: Config):
+    if cfg.tune.search != "optuna":
+        return None  # random sampling / grid expansion by Tune's basic variant generator
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=cfg.train.seed)
+
+
+def sweep(cfg: Config) -> SweepResult:
+    import ray.tune as tune
+
+    from rwray import tracking
+    from rwray.train.launch import connect_ray, ensure_data, resolve_paths
+
+    if cfg.tune is None:
+        from rwray.config import ConfigError
+
+        raise ConfigError(["this job has no tune: block (space, metric, num_samples, ...): see jobs/sweeps/"], cfg.name)
+    cfg = resolve_paths(cfg)
+    tc = cfg.tune
+    uri = tracking.resolve_uri(cfg)
+    tracking.preflight(uri)
+    manifest = ensure_data(cfg)  # once, before trials start (they only verify)
+    parent = tracking.start_run(cfg, uri, manifest.sha256, {"rwray.sweep": "true"})
+    error: BaseException | None = None
+    try:
+        connect_ray(cfg, concurrent_runs=tc.max_concurrent)
+        base = cfg.model_dump(mode="json")
+        # Ranking trials by `best/<metric>` (best epoch on validation so far, reported every epoch) picks the trial
+        # whose best validation epoch is best; ASHA compares the per-epoch metric itself at its rungs.
+        rank_key = f"best/{tc.metric}"
+        tuner = tune.Tuner(
+            tune.with_resources(partial(_trial, base=base, parent_run_id=parent), {"CPU": 0.01}),
+            param_space=search_space(tc),
+            tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, num_samples=tc.num_samples,
+                                        max_concurrent_trials=tc.max_concurrent, scheduler=_scheduler(cfg),
+                                        search_alg=_search_alg(cfg)),
+            run_config=tune.RunConfig(name=f"{cfg.name}-{parent[:8]}", storage_path=str(cfg.output_dir / "tune"),
+                                      verbose=1),
+        )
+        grid = tuner.fit()
+        rows = []
+        for r in grid:
+            m = r.metrics or {}
+            rows.append({"trial": (r.path or "").rsplit("/", 1)[-1][:40],
+                         **{k: r.config.get(k) for k in tc.space},
+                         "epochs": m.get("training_iteration", 0),
+                         tc.metric: m.get(rank_key, math.nan),
+                         "test/balanced_acc@best-val": m.get("best/test/balanced_acc", math.nan),
+                         "error": type(r.error).__name__ if r.error else ""})
+        ok = [row for row in rows if not math.isnan(row[tc.metric])]
+        if not ok:
+            raise RuntimeError(f"no trial of the sweep reported {tc.metric}; see the trial errors: "
+                               f"{[row['error'] for row in rows]}")
+        best_row = (max if tc.mode == "max" else min)(ok, key=lambda row: row[tc.metric])
+        best_sample = {k: best_row[k] for k in tc.space}
+        best_cfg = trial_config(base, best_sample)
+        out_dir = cfg.output_dir / "tune" / f"{cfg.name}-{parent[:8]}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        best_path = out_dir / "best.yaml"
+        best_path.write_text(f"# best trial of sweep {parent} by {tc.metric} ({tc.mode}): {best_sample}\n"
+                             + best_cfg.to_yaml())
+        summary = _markdown(rows, list(tc.space), tc.metric)
+        (out_dir / "summary.md").write_text(summary)
+        log = tracking.RunLogger(uri, parent)
+        log.artifact(best_path)
+        log.artifact(out_dir / "summary.md")
+        log.metrics({f"best/{tc.metric}": best_row[tc.metric], "trials": len(rows)}, step=0)
+        _close_stopped_children(uri, parent)
+        return SweepResult(parent, uri, best_path, {**best_sample, tc.metric: best_row[tc.metric]}, rows)
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        tracking.finish(uri, parent, error)
+
+
+def _close_stopped_children(uri: str, parent: str) -> None:
+    """Trials stopped early by the scheduler are killed mid-run and cannot close their MLflow run: close them."""
+    from rwray.tracking import client
+
+    c = client(uri)
+    run = c.get_run(parent)
+    for child in c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'"):
+        if child.info.status == "RUNNING":
+            c.set_tag(child.info.run_id, "rwray.stopped_by", "tune scheduler (early stopping)")
+            c.set_terminated(child.info.run_id, status="KILLED")
+
+
+def _markdown(rows: list[dict[str, Any]], params: list[str], metric: str) -> str:
+    cols = ["trial", *params, "epochs", metric, "test/balanced_acc@best-val", "error"]
+    ordered = sorted(rows, key=lambda r: -r[metric] if not math.isnan(r[metric]) else math.inf)
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in ordered]
+    return "\n".join(lines) + "\n"
+
+
+def load_best(path: Path) -> Config:
+    return validate(yaml.safe_load(Path(path).read_text()), str(path))

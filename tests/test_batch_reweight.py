@@ -1,0 +1,277 @@
+"""Batch reweighting as a method: a 4-sample case worked out by hand, the weight options, the score table and its
+files, state round-trip, training steps through the registry (GroupNorm and BatchNorm ResNet-32), and the
+epoch-end gather over two gloo workers (torch.multiprocessing, no Ray)."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from pydantic import ValidationError
+from torch import nn
+
+from rwray.methods import METHODS, DataInfo, StepInputs, weighted_loss  # first: see the import-cycle note in test_losses
+from rwray import dist  # noqa: E402
+from rwray.methods.batch_reweight import BatchReweightParams, batch_reweight_weights
+from rwray.models.resnet_cifar import ResNet32Params, resnet32
+from rwray.models.small_cnn import SmallCNN, SmallCNNParams
+
+E = math.e
+INFO = DataInfo(num_classes=2, class_counts=(30, 10), image_shape=(2, 1, 1), num_train=40)
+
+
+class Lin(nn.Module):
+    """logits = W x, W = 0 at start; the models' forward signature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2, bias=False)
+        nn.init.zeros_(self.fc.weight)
+
+    def forward(self, x, return_features: bool = False):
+        f = x.flatten(1)  # [B, 2]
+        logits = self.fc(f)  # [B, 2]
+        return (logits, f) if return_features else logits
+
+
+# With W = 0, softmax = (1/2, 1/2), so the CE gradient of sample i is g_i = r_i x_iᵀ with r_i = ±(-1/2, 1/2) (sign by
+# class): G_ij = s_ij (x_i . x_j) / 2, s_ij = +1 for the same class, -1 otherwise, so S_ij = s_ij cos(x_i, x_j):
+#   x = (1,0) c0, (1,.1) c0, (1,.2) c1, (0,1) c1
+#   S_12 = +.995, S_13 = -.981, S_14 = 0, S_23 = -.999, S_24 = -.0995, S_34 = +.196  ->  p = (2, 2, 1, 1) at gamma .7
+HAND_X = torch.tensor([[1.0, 0.0], [1.0, 0.1], [1.0, 0.2], [0.0, 1.0]])
+HAND_Y = torch.tensor([0, 0, 1, 1])
+HAND_P = [2, 2, 1, 1]
+SOFTMAX_W = [2 / (1 + E), 2 / (1 + E), 2 * E / (1 + E), 2 * E / (1 + E)]  # 4 e^-p / sum e^-p
+
+
+def build(model: nn.Module, info: DataInfo = INFO, **kw):
+    method = METHODS.build(BatchReweightParams(**kw), info)
+    method.attach(model, prepare=lambda m: m, device=torch.device("cpu"))
+    return method
+
+
+def step(method, model, x, y, index, epoch=0):
+    logits, feats = model(x, return_features=True)
+    return method.step(StepInputs(model=model, x=x, y=y, index=index, logits=logits, features=feats, epoch=epoch, step=0))
+
+
+def test_defaults_and_validation():
+    p = BatchReweightParams()
+    assert (p.gamma, p.temp, p.weight_fn, p.params, p.impl, p.loss.name) == (0.7, 1.0, "softmax", "all", "fast", "ce")
+    for bad in [{"gamma": 1.5}, {"temp": 0.0}, {"temp": -1.0}, {"weight_fn": "exp"}, {"params": "body"}, {"last_k": 0}]:
+        with pytest.raises(ValidationError):
+            BatchReweightParams(**bad)
+
+
+def test_hand_computed_four_samples():
+    model = Lin()
+    method = build(model)
+    x = HAND_X.view(4, 2, 1, 1)
+    out = step(method, model, x, HAND_Y, torch.arange(4))
+    torch.testing.assert_close(out.weights, torch.tensor(SOFTMAX_W), rtol=1e-6, atol=1e-6)
+    assert out.metrics["br/pscore_mean"] == pytest.approx(1.5)
+    assert out.metrics["br/frac_p1"] == pytest.approx(0.5)
+    torch.testing.assert_close(out.losses, torch.full((4,), math.log(2)))
+    # The pure function on the hand-written Gram gives the same.
+    s = torch.tensor([[1, 1, -1, -1], [1, 1, -1, -1], [-1, -1, 1, 1], [-1, -1, 1, 1]], dtype=torch.float64)
+    X = HAND_X.double()
+    w, p = batch_reweight_weights(s * (X @ X.T) / 2, 0.7, 1.0, "softmax")
+    assert p.tolist() == HAND_P
+    torch.testing.assert_close(w, torch.tensor(SOFTMAX_W, dtype=torch.float64))
+    # The loop's backward on the retained graph is the weighted CE gradient: mean_i w_i r_i x_iᵀ.
+    weighted_loss(out).backward()
+    r = torch.softmax(torch.zeros(4, 2), 1) - F.one_hot(HAND_Y, 2).float()  # [4, 2]
+    want = (out.weights[:, None, None] * r[:, :, None] * HAND_X[:, None, :]).mean(0)  # [2, 2]
+    torch.testing.assert_close(model.fc.weight.grad, want)
+
+
+@pytest.mark.parametrize("kw,want", [
+    ({"weight_fn": "inverse"}, [2 / 3, 2 / 3, 4 / 3, 4 / 3]),  # 1/p over mean(1/p) = 3/4
+    ({"temp": 2.0}, [2 / (1 + E**0.5)] * 2 + [2 * E**0.5 / (1 + E**0.5)] * 2),
+    ({"temp": math.inf}, [1.0] * 4),
+    ({"temp": math.inf, "weight_fn": "inverse"}, [1.0] * 4),
+    ({"gamma": -1.0}, [1.0] * 4),  # everyone is a neighbour: p = 4 for all
+    ({"gamma": 0.99}, [2 / (1 + E)] * 2 + [2 * E / (1 + E)] * 2),  # .995 still counts
+    ({"gamma": 0.999}, [1.0] * 4),  # only the diagonal: p = 1 for all
+])
+def test_weight_options_on_the_hand_case(kw, want):
+    model = Lin()
+    out = step(build(model, **kw), model, HAND_X.view(4, 2, 1, 1), HAND_Y, torch.arange(4))
+    torch.testing.assert_close(out.weights, torch.tensor(want), rtol=1e-6, atol=1e-6)
+    assert not out.weights.requires_grad
+
+
+def test_large_temperature_tends_to_uniform():
+    model = Lin()
+    for temp, tol in [(10.0, 0.2), (1e3, 2e-3), (1e6, 2e-6)]:
+        w = step(build(model, temp=temp), model, HAND_X.view(4, 2, 1, 1), HAND_Y, torch.arange(4)).weights
+        assert (w - 1).abs().max().item() < tol
+
+
+def run_two_epochs(method, model) -> tuple[dict, dict]:
+    """Epoch 0 sees samples 3, 7, 11, 20 (the hand case: p = 2, 2, 1, 1). Epoch 1 sees 3, 7, 11 with x_11 moved
+    between x_3 and x_7 but still labelled 1, so its gradient points away from theirs: p = 2, 2, 1 again."""
+    method.begin_epoch(0)
+    step(method, model, HAND_X.view(4, 2, 1, 1), HAND_Y, torch.tensor([3, 7, 11, 20]))
+    e0 = method.end_epoch(0)
+    method.begin_epoch(1)
+    x1 = torch.tensor([[1.0, 0.0], [1.0, 0.1], [1.0, 0.05]]).view(3, 2, 1, 1)
+    step(method, model, x1, torch.tensor([0, 0, 1]), torch.tensor([3, 7, 11]), epoch=1)
+    return e0, method.end_epoch(1)
+
+
+def test_end_epoch_metrics_and_score_files(tmp_path):
+    model = Lin()
+    method = build(model)
+    assert method.artifacts(str(tmp_path)) == []  # nothing scored yet
+    e0, e1 = run_two_epochs(method, model)
+    assert e0 == {"pscore/mean": pytest.approx(1.5), "pscore/class_0": pytest.approx(2.0), "pscore/class_1": pytest.approx(1.0)}
+    assert e1 == {"pscore/mean": pytest.approx(5 / 3), "pscore/class_0": pytest.approx(2.0), "pscore/class_1": pytest.approx(1.0)}
+    want = np.array([[3, 2.0, 0], [7, 2.0, 0], [11, 1.0, 1], [20, 1.0, 1]])
+    np.testing.assert_allclose(method.scores().numpy(), want)
+
+    paths = method.artifacts(str(tmp_path / "out"))
+    assert [os.path.basename(p) for p in paths] == ["pscores.parquet", "score.npy", "pscore_per_class.png"]
+    score = np.load(tmp_path / "out" / "score.npy")
+    assert score.shape == (4, 3) and score.dtype == np.float64
+    np.testing.assert_allclose(score, want)
+    table = pq.read_table(tmp_path / "out" / "pscores.parquet").to_pydict()
+    assert table == {"index": [3, 7, 11, 20], "pscore": [2.0, 2.0, 1.0, 1.0], "class": [0, 0, 1, 1], "n_scored": [2, 2, 2, 1]}
+    png = (tmp_path / "out" / "pscore_per_class.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_mean_over_epochs_differs_per_sample():
+    # Epoch 1 moves sample 11 next to the class-1 sample 20's direction: p changes, the table averages it.
+    model = Lin()
+    method = build(model)
+    step(method, model, HAND_X.view(4, 2, 1, 1), HAND_Y, torch.tensor([3, 7, 11, 20]))
+    method.end_epoch(0)
+    x1 = torch.tensor([[1.0, 0.0], [0.1, 1.0], [0.0, 1.0]]).view(3, 2, 1, 1)  # 11 now at (0.1, 1), close to 20
+    step(method, model, x1, torch.tensor([0, 1, 1]), torch.tensor([3, 11, 20]), epoch=1)  # p = 1, 2, 2
+    method.end_epoch(1)
+    got = {int(i): (m, int(c)) for i, m, c in method.scores().tolist()}
+    assert got == {3: (1.5, 0), 7: (2.0, 0), 11: (1.5, 1), 20: (1.5, 1)}
+
+
+def test_state_round_trip_through_weights_only_checkpoint(tmp_path):
+    model = Lin()
+    a = build(model)
+    step(a, model, HAND_X.view(4, 2, 1, 1), HAND_Y, torch.tensor([3, 7, 11, 60]))  # index 60 >= num_train: grows
+    a.end_epoch(0)
+    torch.save(a.state_dict(), tmp_path / "m.pt")
+    b = build(Lin())
+    b.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    torch.testing.assert_close(b.scores(), a.scores())
+    assert b.epochs == a.epochs == 1
+    for m in (a, b):  # both continue identically
+        mdl = m.capture.model
+        step(m, mdl, HAND_X.view(4, 2, 1, 1), HAND_Y, torch.tensor([3, 7, 11, 60]))
+        m.end_epoch(1)
+    torch.testing.assert_close(b.scores(), a.scores())
+    assert a.scores()[:, 0].tolist() == [3, 7, 11, 60]
+
+
+def resnet_case(norm: str, seed: int = 0):
+    torch.manual_seed(seed)
+    info = DataInfo(num_classes=4, class_counts=(10, 6, 3, 1), image_shape=(3, 8, 8), num_train=20)
+    model = resnet32(ResNet32Params(norm=norm), info)
+    g = torch.Generator().manual_seed(seed + 1)
+    x, y = torch.randn(6, 3, 8, 8, generator=g), torch.tensor([0, 0, 1, 1, 2, 3])
+    return info, model, x, y
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_resnet32_trains_two_steps_through_the_registry(norm):
+    info, model, x, y = resnet_case(norm)
+    method = build(model, info, gamma=0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    before = [p.detach().clone() for p in model.parameters()]
+    for epoch in range(2):
+        method.begin_epoch(epoch)
+        out = step(method, model, x, y, torch.arange(6) + 6 * epoch, epoch)
+        assert out.weights.shape == (6,) and out.weights.mean().item() == pytest.approx(1.0, abs=1e-6)
+        opt.zero_grad()
+        weighted_loss(out).backward()
+        opt.step()
+        metrics = method.end_epoch(epoch)
+        assert set(metrics) == {"pscore/mean", "pscore/class_0", "pscore/class_1", "pscore/class_2", "pscore/class_3"}
+        assert 1 <= metrics["pscore/mean"] <= 6
+    assert all(not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters()))
+    assert len(method.scores()) == 12
+    assert method.capture.calls == []  # the records (and the graph they reach) are dropped after each step
+
+
+def test_fast_and_reference_give_the_same_weights_and_subsets_work():
+    # SmallCNN with GroupNorm (ResNet-32 equality is in test_gram). Cosines in this case: the two same-class pairs
+    # are at .79 over all parameters and .99 over the head, so gamma = .9 separates "all" from "head"/"last_k".
+    torch.manual_seed(2)
+    info = DataInfo(num_classes=4, class_counts=(10, 6, 3, 1), image_shape=(3, 8, 8), num_train=20)
+    model = SmallCNN(SmallCNNParams(width=4, norm="group"), info).double()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 2, 3])
+    weights = {}
+    for impl in ("fast", "reference"):
+        for which, k in (("all", 1), ("head", 1), ("last_k", 2)):
+            method = build(model, info, impl=impl, params=which, last_k=k, gamma=0.9)
+            out = step(method, model, x, y, torch.arange(6))
+            weights[impl, which] = out.weights
+            out.losses.sum().backward()  # the graph is still intact after either implementation
+            model.zero_grad()
+            method.close()
+    for which in ("all", "head", "last_k"):
+        torch.testing.assert_close(weights["fast", which], weights["reference", which], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(weights["fast", "all"], torch.ones(6))  # p = 1 for all (CE works in float32)
+    near = 6 / (4 + 2 * E)  # p = (2, 2, 2, 2, 1, 1): 6 e^-p / sum e^-p
+    torch.testing.assert_close(weights["fast", "head"], torch.tensor([near] * 4 + [near * E] * 2))
+    torch.testing.assert_close(weights["fast", "last_k"], weights["fast", "head"])
+
+
+def test_step_without_attach_is_a_clear_error():
+    method = METHODS.build(BatchReweightParams(), INFO)
+    model = Lin()
+    with pytest.raises(RuntimeError, match="attach"):
+        step(method, model, HAND_X.view(4, 2, 1, 1), HAND_Y, torch.arange(4))
+
+
+# ----- two workers ------------------------------------------------------------------------------------------------
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        assert dist.world_size() == 2
+        torch.set_num_threads(1)
+        model = Lin()
+        method = build(model)
+        # Each worker scores its own local batch of 2 (the Gram is per worker): rank 0 gets samples 3 and 7 (same
+        # class, cosine .995: p = 2, 2), rank 1 gets 11 and 20 (same class, cosine .196: p = 1, 1).
+        half = slice(2 * rank, 2 * rank + 2)
+        out = step(method, model, HAND_X[half].view(2, 2, 1, 1), HAND_Y[half], torch.tensor([3, 7, 11, 20])[half])
+        end = method.end_epoch(0)
+        torch.save({"weights": out.weights, "end": end, "scores": method.scores()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        tdist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_gather_the_global_table(tmp_path):
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    want = torch.tensor([[3, 2.0, 0], [7, 2.0, 0], [11, 1.0, 1], [20, 1.0, 1]], dtype=torch.float64)
+    for r in ranks:  # every rank holds the whole table and the global per-class means
+        torch.testing.assert_close(r["scores"], want)
+        assert r["end"] == {"pscore/mean": pytest.approx(1.5), "pscore/class_0": pytest.approx(2.0), "pscore/class_1": pytest.approx(1.0)}
+        torch.testing.assert_close(r["weights"], torch.ones(2))  # equal p within each local batch: uniform

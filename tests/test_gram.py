@@ -1,0 +1,343 @@
+"""Per-sample-gradient Gram matrices: the hook-based fast path against the torch.func reference (float64), against
+Grams written out by hand, and the pure p-score / weight functions. No Ray; every model is tiny."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rwray.methods import DataInfo  # first: see the import-cycle note in test_losses
+from rwray.methods import gram as gm
+from rwray.models.layers import NormedLinear
+from rwray.models.resnet_cifar import ResNet32Params, resnet32
+from rwray.models.small_cnn import SmallCNN, SmallCNNParams
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")  # [B]
+
+
+def both(model, x, y, modules=None, strategy="auto"):
+    fast = gm.gram(model, x, y, ce, impl="fast", modules=modules, strategy=strategy)
+    ref = gm.gram(model, x, y, ce, impl="reference", modules=modules)
+    return fast, ref
+
+
+def assert_gram_close(fast: torch.Tensor, ref: torch.Tensor) -> None:
+    # 1e-5 relative to the Gram's scale (entries reach ~1e3 on ResNet-32), and the cosines too.
+    scale = ref.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(fast / scale, ref / scale, **TOL)
+    torch.testing.assert_close(gm.cosine(fast), gm.cosine(ref), **TOL)
+
+
+# ----- MLPs -------------------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 7)
+        self.fc2 = nn.Linear(7, 6, bias=False)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):  # [B, 5] -> [B, 3]
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("strategy", ["auto", "pairwise", "materialise"])
+def test_mlp_fast_equals_reference(strategy):
+    torch.manual_seed(0)
+    model, x, y = MLP().double(), torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 1])
+    fast, ref = both(model, x, y, strategy=strategy)
+    assert_gram_close(fast, ref)
+    # The Gram is really the per-sample gradients': its diagonal is |grad l_i|^2 from plain autograd.
+    for i in range(6):
+        g = torch.autograd.grad(ce(model(x[i : i + 1]), y[i : i + 1]).sum(), list(model.parameters()))
+        assert fast[i, i].item() == pytest.approx(sum((t**2).sum() for t in g).item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("which,k,expect", [("head", 1, ["head"]), ("last_k", 2, ["fc2", "head"]), ("all", 1, ["fc1", "fc2", "head"])])
+def test_mlp_subsets_mean_the_same_in_both(which, k, expect):
+    torch.manual_seed(1)
+    model, x, y = MLP().double(), torch.randn(6, 5, dtype=torch.float64), torch.tensor([2, 1, 2, 0, 1, 0])
+    order = gm.forward_order(model, x)
+    assert order == ["fc1", "fc2", "head"]
+    modules = gm.select_modules(order, which, k)
+    assert modules == expect
+    fast, ref = both(model, x, y, modules)
+    assert_gram_close(fast, ref)
+    if which != "all":  # a strict subset really is smaller
+        assert (fast.diagonal() < gm.gram(model, x, y, ce).diagonal()).all()
+
+
+class TokenMLP(nn.Module):
+    """A Linear applied at T = 4 positions per sample (T > 1 exercises the BT x BT pairwise Gram), then pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(3, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):  # [B, 4, 3] -> [B, 2]
+        return self.head(torch.relu(self.mix(x)).mean(1))
+
+
+@pytest.mark.parametrize("strategy", ["pairwise", "materialise"])
+def test_linear_with_positions_both_strategies(strategy):
+    torch.manual_seed(2)
+    model, x, y = TokenMLP().double(), torch.randn(5, 4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    assert_gram_close(*both(model, x, y, strategy=strategy))
+
+
+def test_hand_computed_linear_ce_gram():
+    # logits = W x + b, CE: g_i(W) = r_i x_iᵀ, g_i(b) = r_i with r_i = softmax(W x_i + b) - onehot(y_i), so
+    # G_ij = (r_i . r_j)(x_i . x_j + 1). Written out here with plain tensor algebra, no autograd.
+    torch.manual_seed(3)
+    lin = nn.Linear(3, 4).double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 3, 3, 1])
+    r = torch.softmax(x @ lin.weight.detach().T + lin.bias.detach(), 1) - F.one_hot(y, 4).double()  # [4, 4]
+    want = (r @ r.T) * (x @ x.T + 1)
+    torch.testing.assert_close(gm.gram(lin, x, y, ce), want, rtol=1e-12, atol=1e-12)
+
+
+# ----- ResNet-32 with GroupNorm, BatchNorm in eval mode, BatchNorm in training mode ----------------------------------
+def small_resnet(norm: str) -> nn.Module:
+    torch.manual_seed(4)
+    info = DataInfo(num_classes=5, class_counts=(1,) * 5, image_shape=(3, 8, 8), num_train=5)
+    model = resnet32(ResNet32Params(norm=norm), info).double()
+    with torch.no_grad():  # non-trivial affine parameters, so the norm layers' gradients are not special
+        for m in model.modules():
+            if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def data(b=6, shape=(3, 8, 8), classes=5, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, *shape, generator=g, dtype=torch.float64), torch.randint(0, classes, (b,), generator=g)
+
+
+def test_resnet32_groupnorm_fast_equals_reference_all_params():
+    model = small_resnet("group")
+    x, y = data()
+    fast, ref = both(model, x, y)
+    assert_gram_close(fast, ref)
+    # The other strategy for the conv layers (unfold + BT x BT products) agrees as well.
+    assert_gram_close(gm.gram(model, x, y, ce, strategy="pairwise"), ref)
+    order = gm.forward_order(model, x)
+    assert len(order) == 31 + 31 + 1 and order[0] == "stem.0" and order[-1] == "fc"  # convs, norms, head
+
+
+def test_resnet32_groupnorm_last_k_subset():
+    model = small_resnet("group")
+    x, y = data(seed=6)
+    modules = gm.select_modules(gm.forward_order(model, x), "last_k", 3)
+    assert modules == ["layers.14.conv2", "layers.14.bn2", "fc"]
+    assert_gram_close(*both(model, x, y, modules))
+
+
+def test_batchnorm_eval_mode_fast_equals_reference():
+    torch.manual_seed(7)
+    info = DataInfo(num_classes=3, class_counts=(1,) * 3, image_shape=(2, 6, 6), num_train=3)
+    model = SmallCNN(SmallCNNParams(width=4, norm="batch"), info).double()
+    x, y = data(5, (2, 6, 6), 3, seed=8)
+    model.train()
+    model(x * 2 + 1)  # move the running statistics away from (0, 1)
+    model.eval()
+    assert_gram_close(*both(model, x, y))
+
+
+def test_batchnorm_training_mode_reference_refuses():
+    model = small_resnet("batch")
+    x, y = data()
+    with pytest.raises(ValueError, match="batch statistics"):
+        gm.gram(model, x, y, ce, impl="reference")
+
+
+class PrivateCopyNet(nn.Module):
+    """conv -> BatchNorm (batch statistics) -> relu -> mean pool -> linear, as nn modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def private_copy_grads(net: PrivateCopyNet, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """The same network written by hand with one private parameter copy per sample ([B, *shape] each) and shared
+    batch statistics: d(sum l)/d(copy_i) is sample i's contribution to the batch gradient."""
+    B = x.shape[0]
+    copies = [p.detach().unsqueeze(0).repeat(B, *[1] * p.dim()).requires_grad_() for p in net.parameters()]
+    cw, cb, gw, gb, fw, fb = copies
+    h = F.conv2d(x.reshape(1, -1, *x.shape[2:]), cw.reshape(-1, *cw.shape[2:]), padding=1, groups=B)
+    h = h.reshape(B, 3, *x.shape[2:]) + cb[:, :, None, None]  # [B, 3, H, W] each sample with its own conv
+    h = F.batch_norm(h, None, None, training=True, eps=net.bn.eps)  # shared batch statistics
+    h = torch.relu(h * gw[:, :, None, None] + gb[:, :, None, None]).mean(dim=(2, 3))  # [B, 3]
+    logits = torch.einsum("bi,boi->bo", h, fw) + fb  # [B, 4]
+    return list(torch.autograd.grad(ce(logits, y).sum(), copies))
+
+
+def test_batchnorm_training_mode_is_the_private_copy_gradient():
+    torch.manual_seed(9)
+    net = PrivateCopyNet().double()
+    with torch.no_grad():
+        net.bn.weight.uniform_(0.5, 1.5)
+        net.bn.bias.uniform_(-0.3, 0.3)
+    x, y = data(5, (2, 4, 4), 4, seed=10)
+    flat = torch.cat([g.reshape(5, -1) for g in private_copy_grads(net, x, y)], 1)  # [B, d]
+    want = flat @ flat.T
+    got = gm.gram(net, x, y, ce)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # ... so the per-sample contributions sum to the batch gradient: 1ᵀ G 1 = |grad sum_i l_i|^2.
+    full = torch.autograd.grad(ce(net(x), y).sum(), list(net.parameters()))
+    assert got.sum().item() == pytest.approx(sum((t**2).sum() for t in full).item(), rel=1e-10)
+    # ... and differ from the one-sample-forward gradients (the coupling is real in this example).
+    one = torch.autograd.grad(ce(net(x[:2]), y[:2]).sum(), list(net.parameters()))  # batch of 2: other stats
+    assert got.sum().item() != pytest.approx(sum((t**2).sum() for t in one).item(), rel=1e-3)
+
+
+# ----- module kinds beyond Linear / Conv2d / norms -----------------------------------------------------------------
+class Mixed(nn.Module):
+    """Grouped, strided, dilated conv with bias; a module called twice (shared weights); the cosine head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2)
+        self.gn = nn.GroupNorm(3, 6)
+        self.shared = nn.Linear(6, 6)
+        self.head = NormedLinear(6, 3)
+
+    def forward(self, x):  # [B, 4, 7, 7] -> [B, 3]
+        f = torch.relu(self.gn(self.conv(x))).mean(dim=(2, 3))  # [B, 6]
+        f = self.shared(torch.tanh(self.shared(f)))  # the same Linear twice
+        return self.head(f)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "pairwise", "materialise"])
+def test_grouped_conv_shared_module_and_cosine_head(strategy):
+    torch.manual_seed(11)
+    model = Mixed().double()
+    x, y = data(5, (4, 7, 7), 3, seed=12)
+    assert_gram_close(*both(model, x, y, strategy=strategy))
+
+
+# ----- the capture inside a training step --------------------------------------------------------------------------
+def test_capture_keeps_the_loops_backward_exact_and_leaves_grads_alone():
+    model = small_resnet("group")
+    x, y = data(seed=13)
+    plain = torch.autograd.grad(ce(model(x), y).mean(), list(model.parameters()))
+    cap = gm.GramCapture(model)
+    losses = ce(model(x), y)
+    G = cap.gram(losses)
+    # The tensor hooks are gone after each pass: a second Gram on the same forward is the same, not doubled.
+    torch.testing.assert_close(cap.gram(losses), G, rtol=1e-12, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())  # the Gram passes computed no parameter gradient
+    losses.mean().backward()  # the loop's backward on the retained graph
+    for p, want in zip(model.parameters(), plain):
+        torch.testing.assert_close(p.grad, want, rtol=1e-12, atol=1e-12)
+    cap.close()
+
+
+def test_capture_records_only_training_forwards():
+    model = MLP().double()
+    cap = gm.GramCapture(model)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    model(x)
+    assert cap.order() == ["fc1", "fc2", "head"]
+    with torch.no_grad():  # evaluation clears the record and adds nothing
+        model(x)
+    assert cap.calls == []
+    cap.close()
+    model(x)
+    assert cap.calls == []  # closed: no hooks left
+
+
+def test_inplace_change_of_a_captured_output_is_refused():
+    class Inplace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu_(self.a(x)))
+
+    model = Inplace().double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(RuntimeError, match="in place"):
+        gm.gram(model, x, y, ce)
+
+
+# ----- pure functions: cosine, p-scores, weights -------------------------------------------------------------------
+def test_hand_four_samples_gram_cosine_pscores_weights():
+    # l_i = <w, x_i>: g_i = x_i exactly. x = (1,0), (1,0.1), (0,1), (-1,0):
+    # S_12 = 1/sqrt(1.01) = 0.995, S_14 = -1, S_24 = -0.995, S_13 = S_34 = 0, S_23 = 0.1/sqrt(1.01) = 0.0995.
+    lin = nn.Linear(2, 1, bias=False).double()
+    X = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    G = gm.gram(lin, X, torch.zeros(4, dtype=torch.long), lambda out, _: out[:, 0])
+    torch.testing.assert_close(G, X @ X.T, rtol=0, atol=1e-15)
+    S = gm.cosine(G)
+    c = 1 / math.sqrt(1.01)
+    want_S = torch.tensor([[1, c, 0, -1], [c, 1, 0.1 * c, -c], [0, 0.1 * c, 1, 0], [-1, -c, 0, 1]], dtype=torch.float64)
+    torch.testing.assert_close(S, want_S, rtol=0, atol=1e-12)
+    p = gm.pscores(S, 0.7)
+    assert p.tolist() == [2, 2, 1, 1]
+    e = math.e
+    w = gm.pscore_weights(p, 1.0, "softmax")  # 4 e^-p / sum e^-p
+    torch.testing.assert_close(w, torch.tensor([2 / (1 + e), 2 / (1 + e), 2 * e / (1 + e), 2 * e / (1 + e)], dtype=torch.float64))
+    torch.testing.assert_close(gm.pscore_weights(p, 1.0, "inverse"), torch.tensor([2 / 3, 2 / 3, 4 / 3, 4 / 3], dtype=torch.float64))
+    assert gm.pscores(S, -1.0).tolist() == [4, 4, 4, 4]
+    assert gm.pscores(S, 0.0).tolist() == [3, 3, 4, 2]  # cosine 0 >= 0 counts
+
+
+def test_pscore_bounds_on_random_grams():
+    g = torch.Generator().manual_seed(14)
+    for B, gamma in [(1, 0.7), (7, 0.7), (16, 0.0), (16, 0.999), (33, -0.2)]:
+        V = torch.randn(B, 5, generator=g, dtype=torch.float64)
+        V[B // 2] = 0  # one zero gradient: cosine 0 with everyone, still its own neighbour
+        S = gm.cosine(V @ V.T)
+        assert S.diagonal().eq(1).all() and S.abs().le(1).all()
+        p = gm.pscores(S, gamma)
+        assert p.dtype == torch.int64 and p.shape == (B,)
+        assert p.min() >= 1 and p.max() <= B
+        brute = [(S[i] >= gamma).sum().item() + (0 if S[i, i] >= gamma else 1) for i in range(B)]
+        assert p.tolist() == brute
+    # Identical gradients: everyone is everyone's neighbour.
+    V = torch.ones(5, 3, dtype=torch.float64)
+    assert gm.pscores(gm.cosine(V @ V.T), 0.7).tolist() == [5] * 5
+
+
+def test_weight_formulas_and_the_infinite_temperature():
+    p = torch.tensor([1, 2, 2, 5, 9])
+    for temp in [0.5, 1.0, 3.0]:
+        soft = gm.pscore_weights(p, temp, "softmax")
+        want = torch.exp(-p.double() / temp)
+        torch.testing.assert_close(soft, 5 * want / want.sum())
+        inv = gm.pscore_weights(p, temp, "inverse")
+        want = p.double() ** (-1 / temp)
+        torch.testing.assert_close(inv, want / want.mean())
+        for w in (soft, inv):
+            assert w.mean().item() == pytest.approx(1.0, abs=1e-12)
+            assert (w[:-1] >= w[1:]).all()  # fewer neighbours, more weight
+    for fn in ("softmax", "inverse"):
+        assert gm.pscore_weights(p, math.inf, fn).tolist() == [1.0] * 5
+        assert (gm.pscore_weights(p, 1e9, fn) - 1).abs().max() < 1e-7
+    with pytest.raises(ValueError):
+        gm.pscore_weights(p, 0.0)
+
+
+def test_outer_gram_strategies_against_brute_force():
+    g = torch.Generator().manual_seed(15)
+    A, E = torch.randn(4, 3, 5, generator=g, dtype=torch.float64), torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
+    M = torch.stack([sum(torch.outer(E[i, t], A[i, t]) for t in range(3)).flatten() for i in range(4)])  # [4, 10]
+    for strategy in ("auto", "pairwise", "materialise"):
+        torch.testing.assert_close(gm.outer_gram(A, E, strategy), M @ M.T, rtol=1e-12, atol=1e-12)
