@@ -12,7 +12,9 @@
 
 Scale: digits, 3 x 8 x 8 colour images, B = 256, 10 classes (28 x 28 is `--size 28`: ~12x the conv work per image).
 Single process (no all-gather; with N workers each step adds two all-gathers of [B, 128] floats). All variants are
-timed interleaved (one of each per repeat, in rotating order), medians reported.
+timed interleaved (one of each per repeat, in rotating order), medians of this thread's CPU time reported (with one
+intra-op thread all of a step's work runs on the calling thread; wall time on a shared machine mostly measures the
+neighbours).
 
 The measurement runs twice, each in a fresh child process: with glibc malloc's defaults, and with its trim/mmap
 thresholds raised (MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_, MALLOC_TOP_PAD_; read by glibc at process start).
@@ -95,9 +97,12 @@ def measure(args: argparse.Namespace) -> dict:
     for r in range(args.repeats):
         order = names[r % len(names):] + names[: r % len(names)]  # rotate: no variant always follows the same one
         for name in order:
-            t0 = time.perf_counter()
+            # CPU time of this thread (user + system, page faults included), not wall time: on a machine shared with
+            # other users wall time mostly measures how long the scheduler kept us waiting. With one intra-op thread
+            # all of a step's work (autograd's CPU backward too) runs on this thread.
+            t0 = time.thread_time()
             variants[name]()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(time.thread_time() - t0)
     load_after = os.getloadavg()
     return {"times": times, "load": [load_before[0], load_after[0]]}
 
@@ -164,7 +169,7 @@ def main() -> int:
         f"({'digits' if sz == 8 else 'MNIST' if sz == 28 else 'custom'} scale), 10 classes, f = SimpleConvNet k=7, "
         "g = SimpleConvNet k=1, Adam for both, σ = 1, unbiased HSIC, one process. Each step is one iteration of "
         f"`rwray.train.loop.train_epoch`; per run {args.repeats} interleaved repeats after {args.warmup} warm-up calls "
-        "each; median (interquartile range) in ms. Two runs, each in a fresh process: glibc malloc defaults, and "
+        "each; median (interquartile range) of the thread's CPU time in ms. Two runs, each in a fresh process: glibc malloc defaults, and "
         "malloc thresholds raised (`" + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items()) + "`).",
         "",
         "| step | default malloc | tuned malloc |",

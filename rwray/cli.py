@@ -150,6 +150,29 @@ def tune(config: Path = typer.Argument(..., help="job YAML with a tune: block (s
                       f"{result.parent_run_id} in {result.tracking_uri}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def reproduce(table: Path = typer.Argument(..., help="table YAML (see jobs/tables/)"),
+              overrides: Optional[List[str]] = typer.Argument(None, help="overrides applied to every row")) -> None:
+    """Run a paper table's rows x seeds as one Ray Tune grid, then print the report."""
+    from rwray.reproduce import report
+    from rwray.reproduce import reproduce as run_table
+
+    with friendly_errors():
+        parent = run_table(table, overrides or [])
+        sys.stdout.write(report(table, parent_run_id=parent))
+
+
+@app.command("report")
+def report_cmd(table: Path = typer.Argument(..., help="table YAML"),
+               out: Optional[Path] = typer.Option(None, help="also write the markdown (and a .png plot) here"),
+               run_id: Optional[str] = typer.Option(None, help="a reproduction's MLflow run (default: the latest)")) -> None:
+    """Markdown table of a reproduction: ours (mean +- std over seeds) beside the paper's numbers."""
+    from rwray.reproduce import report
+
+    with friendly_errors():
+        sys.stdout.write(report(table, out, run_id))
+
+
 @app.command()
 def quickstart(epochs: Optional[int] = typer.Option(None, help="override train.epochs"),
                workers: int = typer.Option(2, help="Ray Train workers")) -> None:

@@ -140,9 +140,20 @@ class TuneConfig(Section):
         return self
 
 
+class Reference(Section):
+    """A published number this job reproduces."""
+
+    value: float  # in percent, as papers print it
+    metric: Literal["test/top1", "test/balanced_acc", "test/few_acc", "test/many_acc", "test/medium_acc",
+                    "test_unbiased/top1", "test/top1_noisy"] = "test/top1"
+    source: str  # paper + table (+ repository when the number is from its README)
+
+
 class Config(Section):
     name: str = "rwray"
-    output_dir: Path = Path("runs")  # MLflow's local store, Ray Train's storage and checkpoints go here
+    # Ray Train storage (checkpoints), sweeps and, for local tracking, the MLflow store. A folder, or an object-store
+    # URI (s3://bucket/prefix, gs://...) that every node of a cluster can reach; a URI needs tracking.uri.
+    output_dir: str = "runs"
     resume: Path | None = None  # a checkpoint directory to continue from
     data: DataConfig
     model: ModelConfig
@@ -153,7 +164,15 @@ class Config(Section):
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig | None = None  # used by `rwray tune`; ignored by `rwray train`
-    reference: dict[str, Any] | None = None  # the paper's number for this job and its source (reports)
+    reference: Reference | None = None  # the paper's number for this job and its source (used by reports)
+
+    @property
+    def remote_output(self) -> bool:
+        return "://" in self.output_dir
+
+    def storage(self, *parts: str) -> str:
+        """A path (or URI) under output_dir."""
+        return "/".join([self.output_dir.rstrip("/"), *parts])
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

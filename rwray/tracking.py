@@ -25,6 +25,9 @@ def resolve_uri(cfg: Config) -> str:
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
+    if cfg.remote_output:
+        raise TrackingError(f"output_dir is {cfg.output_dir}: a local MLflow store cannot live there. Set "
+                            f"tracking.uri (or MLFLOW_TRACKING_URI) to your MLflow server, e.g. the head node's.")
     return f"sqlite:///{(Path(cfg.output_dir).resolve() / 'mlflow.db')}"
 
 
@@ -32,7 +35,7 @@ def artifact_root(cfg: Config) -> str | None:
     """Where a local store keeps artifacts (absolute: Ray workers run in another working directory)."""
     uri = resolve_uri(cfg)
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-        return (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri()
+        return (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri() if not cfg.remote_output else None
     return None  # a server decides (--artifacts-destination / --default-artifact-root)
 
 

@@ -116,7 +116,7 @@ def sweep(cfg: Config) -> SweepResult:
             tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, num_samples=tc.num_samples,
                                         max_concurrent_trials=tc.max_concurrent, scheduler=_scheduler(cfg),
                                         search_alg=_search_alg(cfg)),
-            run_config=tune.RunConfig(name=f"{cfg.name}-{parent[:8]}", storage_path=str(cfg.output_dir / "tune"),
+            run_config=tune.RunConfig(name=f"{cfg.name}-{parent[:8]}", storage_path=cfg.storage("tune"),
                                       verbose=1),
         )
         grid = tuner.fit()
@@ -136,7 +136,9 @@ def sweep(cfg: Config) -> SweepResult:
         best_row = (max if tc.mode == "max" else min)(ok, key=lambda row: row[tc.metric])
         best_sample = {k: best_row[k] for k in tc.space}
         best_cfg = trial_config(base, best_sample)
-        out_dir = cfg.output_dir / "tune" / f"{cfg.name}-{parent[:8]}"
+        # best.yaml and the summary are written locally (and logged to the sweep's MLflow run)
+        local_root = Path(cfg.output_dir) if not cfg.remote_output else Path("rwray-sweeps")
+        out_dir = local_root / "tune" / f"{cfg.name}-{parent[:8]}"
         out_dir.mkdir(parents=True, exist_ok=True)
         best_path = out_dir / "best.yaml"
         best_path.write_text(f"# best trial of sweep {parent} by {tc.metric} ({tc.mode}): {best_sample}\n"

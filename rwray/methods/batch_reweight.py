@@ -70,6 +70,24 @@ class BatchReweightParams(Params):
     params: Literal["all", "head", "last_k"] = Field("all", description="parameters whose per-sample gradients count")
     last_k: int = Field(1, ge=1, description="with params=last_k: the last k parametrised modules of the forward")
     impl: Literal["fast", "reference"] = Field("fast", description="Gram implementation (reference: vmap, for checks)")
+    grad_reuse: bool = Field(True, description="rebuild the weighted gradient from the Gram pass's layer gradients "
+                             "instead of a second walk of the graph, where verified exact (see the module docstring)")
+
+
+def _same_gradient(kept: gm.LayerGrads, losses: torch.Tensor, w: torch.Tensor, rtol: float = 1e-3) -> bool:
+    """Does the records' weighted gradient equal autograd's gradient of mean_i(w_i l_i), parameter by parameter
+    (relative to the whole gradient's norm)? One extra backward, on the first eligible step only."""
+    params = kept.params()
+    true = torch.autograd.grad((w * losses).mean(), params, retain_graph=True, allow_unused=True)
+    mine = kept.weighted(w / len(w))
+    scale = torch.sqrt(sum((t.double() ** 2).sum() for t in true if t is not None))
+    for p, t in zip(params, true):
+        m = mine.get(id(p))
+        t = torch.zeros_like(p) if t is None else t
+        m = torch.zeros_like(p) if m is None else m
+        if (m.double() - t.double()).norm() > rtol * t.double().norm() + 1e-6 * scale + 1e-30:
+            return False
+    return True
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -90,12 +108,14 @@ class BatchReweight(Method):
         self._cls = torch.full((n,), -1, dtype=torch.int64)  # [N] class (-1: never scored)
         self._pending: list[torch.Tensor] = []  # this epoch's [b, 3] int64 (index, p, class) rows of this worker
         self.epochs = 0
+        self.reuse_ok: bool | None = None  # gradient reuse: None until verified on a step, then on or off for good
 
     # ----- wiring -----------------------------------------------------------------------------------------------
     def attach(self, model: nn.Module, prepare: Prepare, device: torch.device) -> None:
         if self.capture is not None:
             self.capture.close()
         self.capture = gm.GramCapture(_unwrap(model))
+        self.reuse_ok = None  # a new model is verified afresh
 
     def close(self) -> None:
         """Remove the hooks (the method keeps working only after a new attach)."""
@@ -115,18 +135,45 @@ class BatchReweight(Method):
         cap = self.capture
         if cap is None or cap.model is not _unwrap(inputs.model):
             raise RuntimeError("batch_reweight: call attach(model, ...) with the model of the step before training")
-        modules = gm.select_modules(cap.order(), self.params.params, self.params.last_k)
-        if self.params.impl == "fast":
+        order = cap.order()
+        modules = gm.select_modules(order, self.params.params, self.params.last_k)
+        out_losses = losses
+        reuse = self._reuse_eligible(modules, order)
+        if reuse and self.reuse_ok:  # verified: free the graph during the Gram pass, backward through the records
+            G, kept = cap.gram_and_grads(losses, modules, retain_graph=False)
+            if not kept.complete:
+                raise RuntimeError("batch_reweight grad_reuse: this forward has outputs the single Gram pass did not "
+                                   "reach (the model's structure changed since it was verified); set grad_reuse=false")
+            out_losses = kept.surrogate(losses)
+        elif reuse:  # first eligible step: plain path for the update, and check the records against autograd
+            G, kept = cap.gram_and_grads(losses, modules, retain_graph=True)
+        elif self.params.impl == "fast":
             G = cap.gram(losses, modules)  # [B, B] float64; graph retained for the loop's backward
         else:
             with cap.paused():
                 G = gm.reference_gram(cap.model, inputs.x, inputs.y, self.loss, modules)
         cap.clear()  # the records hold the outputs (and the graph); the loop's backward does not need them
         w, p = batch_reweight_weights(G, self.params.gamma, self.params.temp, self.params.weight_fn)
+        if reuse and self.reuse_ok is None:
+            self.reuse_ok = kept.complete and _same_gradient(kept, losses, w.to(losses.dtype))
         self._pending.append(torch.stack([inputs.index.long(), p.to(inputs.index.device), inputs.y.long()], 1).cpu())
         stats = torch.stack([p.double().mean(), (p == 1).double().mean(), w.max(), w.min()]).tolist()
-        metrics = {"br/pscore_mean": stats[0], "br/frac_p1": stats[1], "br/weight_max": stats[2], "br/weight_min": stats[3]}
-        return StepOutput(losses=losses, weights=w.to(losses.dtype), metrics=metrics)
+        metrics = {"br/pscore_mean": stats[0], "br/frac_p1": stats[1], "br/weight_max": stats[2], "br/weight_min": stats[3],
+                   "br/grad_reuse": float(out_losses is not losses)}
+        return StepOutput(losses=out_losses, weights=w.to(losses.dtype), metrics=metrics)
+
+    def _reuse_eligible(self, modules: list[str], order: list[str]) -> bool:
+        """Gradient reuse needs the fast path over every module (so every parameter's records exist), and samples
+        that meet only through the parameters: BatchNorm with batch statistics rules it out at once; anything else
+        is caught by the one-time comparison with autograd."""
+        if not self.params.grad_reuse or self.params.impl != "fast" or self.reuse_ok is False or modules != order:
+            return False
+        model = self.capture.model
+        if any(gm._batch_stats(m) for m in model.modules()):
+            self.reuse_ok = False
+            return False
+        covered = {id(p) for name, m in model.named_modules() if name in set(order) for _, p in gm.own_params(m)}
+        return all(id(p) in covered for p in model.parameters() if p.requires_grad)
 
     # ----- epoch-level ------------------------------------------------------------------------------------------
     def end_epoch(self, epoch: int) -> dict[str, float]:

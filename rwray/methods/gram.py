@@ -429,12 +429,25 @@ class GramCapture:
     def gram(self, losses: torch.Tensor, modules: Iterable[str] | None = None) -> torch.Tensor:
         """[B] per-sample losses (from the recorded forward) -> [B, B] float64 Gram over the selected modules' own
         parameters (None: all). One partial backward, parameter gradients untouched, graph retained."""
+        return self._run(losses, modules, keep=False, retain_graph=True)[0]
+
+    def gram_and_grads(self, losses: torch.Tensor, modules: Iterable[str] | None = None, retain_graph: bool = True
+                       ) -> tuple[torch.Tensor, "LayerGrads"]:
+        """Like `gram`, and also keep what rebuilds any weighted sum of the per-sample gradients of EVERY recorded
+        module later (`LayerGrads`): the partial backward then reaches every recorded output, whatever `modules`.
+        retain_graph=False frees the forward graph as the pass goes (the caller then backpropagates through
+        `LayerGrads.surrogate` only)."""
+        return self._run(losses, modules, keep=True, retain_graph=retain_graph)
+
+    def _run(self, losses: torch.Tensor, modules: Iterable[str] | None, keep: bool, retain_graph: bool
+             ) -> tuple[torch.Tensor, "LayerGrads"]:
         B = losses.shape[0]
         G = torch.zeros(B, B, dtype=torch.float64, device=losses.device)
         chosen = None if modules is None else set(modules)
-        calls = [c for c in self.calls if chosen is None or c.name in chosen]
+        calls = [c for c in self.calls if keep or chosen is None or c.name in chosen]
+        kept = LayerGrads(B)
         if not calls or B == 0:
-            return G
+            return G, kept
         self._check(calls, B)
         count: dict[str, int] = {}
         for c in calls:
@@ -445,6 +458,10 @@ class GramCapture:
         def consume(i: int, c: _Call, e: torch.Tensor) -> None:
             fired.add(i)
             nonlocal G
+            if keep:
+                kept.add(c.module, c.x, e)
+            if chosen is not None and c.name not in chosen:
+                return
             if c.name not in pending:
                 G += module_gram(c.module, c.x, e, self.strategy).to(torch.float64)
                 return
@@ -461,17 +478,18 @@ class GramCapture:
             with self.paused():
                 total = losses.sum()
                 # Only the earliest output is asked for: the engine walks loss -> it, passing every later output.
-                torch.autograd.grad(total, [calls[0].out], retain_graph=True, allow_unused=True)
+                torch.autograd.grad(total, [calls[0].out], retain_graph=retain_graph, allow_unused=True)
                 rest = [c.out for i, c in enumerate(calls) if i not in fired]
-                if rest:  # outputs not upstream of the earliest one (parallel branches): a second, rarer pass
+                if rest and retain_graph:  # outputs not upstream of the earliest one (parallel branches): rarer
                     torch.autograd.grad(total, rest, retain_graph=True, allow_unused=True)
+                kept.complete = not rest  # every recorded output reached by the first (single) pass
         finally:
             for h in handles:
                 h.remove()
         for pend in pending.values():
             if pend.acc is not None:
                 G += (pend.acc @ pend.acc.T).to(torch.float64)
-        return G
+        return G, kept
 
     def _check(self, calls: list[_Call], B: int) -> None:
         owners: dict[int, str] = {}
@@ -486,6 +504,99 @@ class GramCapture:
             for _, p in own_params(c.module):
                 if owners.setdefault(id(p), c.name) != c.name:
                     raise NotImplementedError(f"fast Gram: a parameter is shared by {owners[id(p)]!r} and {c.name!r}")
+
+
+class LayerGrads:
+    """Per recorded module call, what rebuilds sum_i c_i g_i for any coefficients c [B] without the forward graph:
+    (input, output gradient) for Linear / Conv2d / other modules, the [B, 2C] per-sample gradients for norm layers.
+
+    Exact when each sample's loss depends on the other samples only through the parameters (no BatchNorm with
+    batch statistics, no other batch-mixing op): then d(sum_j c_j l_j)/d(out_i) = c_i e_i at every layer. The method
+    verifies this against autograd before relying on it (`BatchReweight`).
+    """
+
+    def __init__(self, batch: int):
+        self.batch = batch
+        self.entries: list[tuple[nn.Module, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = []
+        self.complete = True  # the single partial backward reached every recorded output
+
+    def add(self, module: nn.Module, x: torch.Tensor, e: torch.Tensor) -> None:
+        if isinstance(module, _NORMS):
+            self.entries.append((module, None, None, norm_per_sample(module, x, e)))  # [B, 2C]: tiny
+        else:
+            self.entries.append((module, x, e, None))
+
+    def params(self) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for module, *_ in self.entries:
+            for _, p in own_params(module):
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def weighted(self, c: torch.Tensor) -> dict[int, torch.Tensor]:
+        """{id(parameter): sum_i c_i g_i} for every parameter of the recorded modules. c [B]."""
+        out: dict[int, torch.Tensor] = {}
+
+        def put(p: nn.Parameter, g: torch.Tensor) -> None:
+            g = g.to(p.dtype).reshape(p.shape)
+            out[id(p)] = g if id(p) not in out else out[id(p)] + g
+
+        for module, x, e, per_sample in self.entries:
+            if per_sample is not None:  # norm layers: c @ [B, 2C], weight part first (see norm_per_sample)
+                flat = c.to(per_sample.dtype) @ per_sample
+                k = 0
+                for _, p in own_params(module):
+                    put(p, flat[k : k + p.numel()])
+                    k += p.numel()
+                continue
+            dt = _work_dtype(x)
+            ec = e.to(dt) * c.to(dt).reshape(-1, *[1] * (e.dim() - 1))  # [B, ...] the output gradient of sum c_i l_i
+            if type(module) is nn.Linear:
+                A, Ec = x.to(dt).reshape(-1, x.shape[-1]), ec.reshape(-1, ec.shape[-1])  # [B*T, in], [B*T, out]
+                if module.weight.requires_grad:
+                    put(module.weight, Ec.T @ A)
+                if module.bias is not None and module.bias.requires_grad:
+                    put(module.bias, Ec.sum(0))
+            elif type(module) is nn.Conv2d and _conv_supported(module):
+                wants_b = module.bias is not None and module.bias.requires_grad
+                _, gw, gb = torch.ops.aten.convolution_backward(
+                    ec, x.to(dt), module.weight.to(dt), [module.out_channels] if wants_b else None, list(module.stride),
+                    list(module.padding), list(module.dilation), False, [0, 0], module.groups,
+                    [False, module.weight.requires_grad, wants_b])
+                if module.weight.requires_grad:
+                    put(module.weight, gw)
+                if wants_b:
+                    put(module.bias, gb)
+            else:  # any other module: one batched vjp of the module alone
+                named = own_params(module)
+                ps = {n: p.detach() for n, p in named}
+                _, pull = torch.func.vjp(lambda q: torch.func.functional_call(module, q, (x,)), ps)
+                grads = pull(ec.to(e.dtype))[0]
+                for n, p in named:
+                    put(p, grads[n])
+        return out
+
+    def surrogate(self, losses: torch.Tensor) -> torch.Tensor:
+        """[B] tensor equal to `losses` whose backward hands each parameter sum_i (dL/dl_i) g_i from these records,
+        instead of walking the forward graph again (which `gram_and_grads(retain_graph=False)` has freed)."""
+        params = self.params()
+        return _FromLayerGrads.apply(losses.detach(), self, *params)
+
+
+class _FromLayerGrads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, grads: LayerGrads, *params: nn.Parameter) -> torch.Tensor:
+        ctx.grads = grads
+        ctx.param_ids = [id(p) for p in params]
+        return values.clone()  # [B]
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # grad_out [B] = dL/dl_i, e.g. w_i / B from weighted_loss
+        if ctx.grads is None:
+            raise RuntimeError("batch reweighting: the layer gradients were already used by an earlier backward")
+        w = ctx.grads.weighted(grad_out)
+        ctx.grads = None  # one backward: free the kept inputs and output gradients now
+        return (None, None, *[w.get(i) for i in ctx.param_ids])
 
 
 # ----- the reference: torch.func over the whole model -------------------------------------------------------------------
@@ -545,6 +656,6 @@ def gram(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *,
 
 
 __all__ = [
-    "GramCapture", "cosine", "forward_order", "gram", "module_param_names", "outer_gram", "parametrised_modules",
+    "GramCapture", "LayerGrads", "cosine", "forward_order", "gram", "module_param_names", "outer_gram", "parametrised_modules",
     "per_sample_grads", "pscore_weights", "pscores", "reference_gram", "select_modules",
 ]

@@ -25,7 +25,8 @@ class RunResult:
 def resolve_paths(cfg: Config) -> Config:
     """Absolute paths everywhere: Ray Train workers run in their own working directory."""
     cfg = cfg.model_copy(deep=True)
-    cfg.output_dir = Path(cfg.output_dir).expanduser().resolve()
+    if not cfg.remote_output:
+        cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
     cfg.data.dir = Path(cfg.data.dir).expanduser().resolve()
     if cfg.resume is not None:
         cfg.resume = Path(cfg.resume).expanduser().resolve()
@@ -107,8 +108,10 @@ def root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] = ()) -> RunResult:
-    """Train one job. Under `rwray tune`, a trial passes its sweep's MLflow run and Tune's report callback."""
+def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] = (),
+        tags: dict[str, str] | None = None) -> RunResult:
+    """Train one job. Under `rwray tune` / `reproduce`, a trial passes its parent MLflow run, tags and Tune's
+    report callback."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -121,10 +124,10 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
     tracking.preflight(uri)  # before anything is written or computed
     if cfg.resume is not None and not (cfg.resume / checkpoint.STATE).is_file():
         raise FileNotFoundError(f"resume={cfg.resume} is not an rwray checkpoint (no {checkpoint.STATE}); use a "
-                                f"checkpoint_* folder under {cfg.output_dir / 'ray'}")
+                                f"checkpoint_* folder under {cfg.storage('ray')}")
     manifest = ensure_data(cfg)
     run_id = tracking.start_run(cfg, uri, manifest.sha256,
-                                {"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
+                                {**({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}), **(tags or {})})
     error: BaseException | None = None
     try:
         connect_ray(cfg)
@@ -135,7 +138,7 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(
-                name=f"{cfg.name}-{run_id[:8]}", storage_path=str(cfg.output_dir / "ray"),
+                name=f"{cfg.name}-{run_id[:8]}", storage_path=cfg.storage("ray"),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"), callbacks=list(callbacks)),
             datasets=_datasets(manifest),
