@@ -120,19 +120,24 @@ def sweep(cfg: Config) -> SweepResult:
                                       verbose=1),
         )
         grid = tuner.fit()
-        rows = []
+        rows, stopped = [], []
         for r in grid:
             m = r.metrics or {}
-            rows.append({"trial": (r.path or "").rsplit("/", 1)[-1][:40],
-                         **{k: r.config.get(k) for k in tc.space},
-                         "epochs": m.get("training_iteration", 0),
+            epochs = int(m.get("training_iteration", 0))
+            if r.error:
+                status = f"error: {type(r.error).__name__}"
+            elif epochs < cfg.train.epochs:
+                status = f"stopped by {tc.scheduler.name} at epoch {epochs}"
+                stopped.append((m.get("trial_id"), status))
+            else:
+                status = "completed"
+            rows.append({"trial": m.get("trial_id", ""), **{k: r.config.get(k) for k in tc.space}, "epochs": epochs,
                          tc.metric: m.get(rank_key, math.nan),
-                         "test/balanced_acc@best-val": m.get("best/test/balanced_acc", math.nan),
-                         "error": type(r.error).__name__ if r.error else ""})
+                         "test/balanced_acc@best-val": m.get("best/test/balanced_acc", math.nan), "status": status})
         ok = [row for row in rows if not math.isnan(row[tc.metric])]
         if not ok:
             raise RuntimeError(f"no trial of the sweep reported {tc.metric}; see the trial errors: "
-                               f"{[row['error'] for row in rows]}")
+                               f"{[row['status'] for row in rows]}")
         best_row = (max if tc.mode == "max" else min)(ok, key=lambda row: row[tc.metric])
         best_sample = {k: best_row[k] for k in tc.space}
         best_cfg = trial_config(base, best_sample)
@@ -149,7 +154,7 @@ def sweep(cfg: Config) -> SweepResult:
         log.artifact(best_path)
         log.artifact(out_dir / "summary.md")
         log.metrics({f"best/{tc.metric}": best_row[tc.metric], "trials": len(rows)}, step=0)
-        _close_stopped_children(uri, parent)
+        _close_stopped_children(uri, parent, f"{cfg.name}-", dict(stopped))
         return SweepResult(parent, uri, best_path, {**best_sample, tc.metric: best_row[tc.metric]}, rows)
     except BaseException as e:
         error = e
@@ -158,20 +163,24 @@ def sweep(cfg: Config) -> SweepResult:
         tracking.finish(uri, parent, error)
 
 
-def _close_stopped_children(uri: str, parent: str) -> None:
-    """Trials stopped early by the scheduler are killed mid-run and cannot close their MLflow run: close them."""
+def _close_stopped_children(uri: str, parent: str, prefix: str, stopped: dict[str, str]) -> None:
+    """A trial the scheduler stops ends mid-fit: its run was left RUNNING (actor killed) or closed as FAILED (fit
+    interrupted). Tune's own verdict (no error, fewer epochs than planned) says which trials those are: mark their
+    runs KILLED with the reason, so FAILED means a real failure."""
     from rwray.tracking import client
 
     c = client(uri)
     run = c.get_run(parent)
     for child in c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'"):
-        if child.info.status == "RUNNING":
-            c.set_tag(child.info.run_id, "rwray.stopped_by", "tune scheduler (early stopping)")
+        trial_id = child.data.tags.get("mlflow.runName", "").removeprefix(prefix)
+        if trial_id in stopped or child.info.status == "RUNNING":
+            c.set_tag(child.info.run_id, "rwray.stopped_by", stopped.get(trial_id, "tune (trial ended)"))
+            c.delete_tag(child.info.run_id, "rwray.error") if "rwray.error" in child.data.tags else None
             c.set_terminated(child.info.run_id, status="KILLED")
 
 
 def _markdown(rows: list[dict[str, Any]], params: list[str], metric: str) -> str:
-    cols = ["trial", *params, "epochs", metric, "test/balanced_acc@best-val", "error"]
+    cols = ["trial", *params, "epochs", metric, "test/balanced_acc@best-val", "status"]
     ordered = sorted(rows, key=lambda r: -r[metric] if not math.isnan(r[metric]) else math.inf)
 
     def fmt(v: Any) -> str:

@@ -4,6 +4,7 @@ epoch-end gather over two gloo workers (torch.multiprocessing, no Ray)."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import socket
@@ -235,6 +236,70 @@ def test_fast_and_reference_give_the_same_weights_and_subsets_work():
     torch.testing.assert_close(weights["fast", "last_k"], weights["fast", "head"])
 
 
+def train_grads(model, params: BatchReweightParams, info, x, y, steps=3):
+    """Parameter gradients of `steps` loop steps (fresh copy of the model, no update), and the reuse flags."""
+    model = copy.deepcopy(model)
+    method = METHODS.build(params, info)
+    method.attach(model, prepare=lambda m: m, device=torch.device("cpu"))
+    grads, flags = [], []
+    for s in range(steps):
+        out = step(method, model, x, y, torch.arange(len(y)))
+        weighted_loss(out).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        flags.append(out.metrics["br/grad_reuse"])
+        model.zero_grad()
+    return grads, flags, method
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_grad_reuse_gives_the_same_training_gradient(norm):
+    info, model, x, y = resnet_case(norm, seed=3)
+    model, x = model.double(), x.double()
+    on, flags_on, m_on = train_grads(model, BatchReweightParams(gamma=0.3), info, x, y)
+    off, flags_off, _ = train_grads(model, BatchReweightParams(gamma=0.3, grad_reuse=False), info, x, y)
+    if norm == "group":  # step 0 checks against autograd on the ordinary graph, later steps reuse
+        assert flags_on == [0.0, 1.0, 1.0] and m_on.reuse_ok is True
+    else:  # BatchNorm with batch statistics couples the samples: never reused
+        assert flags_on == [0.0, 0.0, 0.0] and m_on.reuse_ok is False
+    assert flags_off == [0.0, 0.0, 0.0]
+    for a, b in zip(on, off):
+        for ga, gb in zip(a, b):
+            # The loss is computed in float32 (CE casts), so w_i * dl_i/dlogits rounds in float32 in one path.
+            torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-7 * gb.abs().max().item())
+
+
+class BatchCentering(nn.Module):
+    """Mixes the samples without BatchNorm (x - batch mean): static checks cannot see it, the autograd check must."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 5), nn.Linear(5, 2)
+
+    def forward(self, x, return_features: bool = False):
+        f = torch.tanh(self.a(x.flatten(1)))
+        f = f - f.mean(0, keepdim=True)  # [B, 5] coupled across the batch
+        logits = self.b(f)
+        return (logits, f) if return_features else logits
+
+
+def test_grad_reuse_is_refused_when_the_check_against_autograd_fails():
+    torch.manual_seed(5)
+    model = BatchCentering().double()
+    x, y = torch.randn(6, 2, 1, 1, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1, 0])
+    on, flags, method = train_grads(model, BatchReweightParams(gamma=0.5), INFO, x, y)
+    off, _, _ = train_grads(model, BatchReweightParams(gamma=0.5, grad_reuse=False), INFO, x, y)
+    assert flags == [0.0, 0.0, 0.0] and method.reuse_ok is False
+    for a, b in zip(on, off):
+        for ga, gb in zip(a, b):
+            torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-14)
+
+
+def test_grad_reuse_only_for_all_parameters():
+    info, model, x, y = resnet_case("group", seed=4)
+    _, flags, method = train_grads(model, BatchReweightParams(params="head"), info, x, y, steps=2)
+    assert flags == [0.0, 0.0] and method.reuse_ok is None  # never even tried
+
+
 def test_step_without_attach_is_a_clear_error():
     method = METHODS.build(BatchReweightParams(), INFO)
     model = Lin()
@@ -243,6 +308,17 @@ def test_step_without_attach_is_a_clear_error():
 
 
 # ----- two workers ------------------------------------------------------------------------------------------------
+class TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 4), nn.Linear(4, 2)
+
+    def forward(self, x, return_features: bool = False):
+        f = torch.tanh(self.a(x.flatten(1)))  # [B, 4]
+        logits = self.b(f)
+        return (logits, f) if return_features else logits
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=2)
@@ -256,7 +332,24 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         half = slice(2 * rank, 2 * rank + 2)
         out = step(method, model, HAND_X[half].view(2, 2, 1, 1), HAND_Y[half], torch.tensor([3, 7, 11, 20])[half])
         end = method.end_epoch(0)
-        torch.save({"weights": out.weights, "end": end, "scores": method.scores()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Gradient reuse under DDP: the surrogate's parameter gradients go through AccumulateGrad, so DDP's
+        # all-reduce hooks fire as usual; reuse on and off must give the same averaged gradients.
+        ddp_grads = {}
+        for reuse in (True, False):
+            torch.manual_seed(0)
+            net = nn.parallel.DistributedDataParallel(TwoLayer().double())
+            m = build(net, grad_reuse=reuse)
+            g = torch.Generator().manual_seed(10 + rank)
+            xs, ys = torch.randn(3, 6, 2, 1, 1, generator=g, dtype=torch.float64), torch.randint(0, 2, (3, 6), generator=g)
+            grads = []
+            for s in range(3):
+                o = step(m, net, xs[s], ys[s], torch.arange(6) + 6 * rank)
+                weighted_loss(o).backward()
+                grads.append([p.grad.clone() for p in net.parameters()])
+                net.zero_grad()
+            ddp_grads[reuse] = (grads, m.reuse_ok)
+        torch.save({"weights": out.weights, "end": end, "scores": method.scores(), "ddp": ddp_grads},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         tdist.destroy_process_group()
 
@@ -275,3 +368,10 @@ def test_two_workers_gather_the_global_table(tmp_path):
         torch.testing.assert_close(r["scores"], want)
         assert r["end"] == {"pscore/mean": pytest.approx(1.5), "pscore/class_0": pytest.approx(2.0), "pscore/class_1": pytest.approx(1.0)}
         torch.testing.assert_close(r["weights"], torch.ones(2))  # equal p within each local batch: uniform
+        (on, ok_on), (off, ok_off) = r["ddp"][True], r["ddp"][False]
+        assert ok_on is True and ok_off is None
+        for a, b in zip(on, off):
+            for ga, gb in zip(a, b):
+                torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-9)
+    for ga, gb in zip(ranks[0]["ddp"][True][0][-1], ranks[1]["ddp"][True][0][-1]):
+        torch.testing.assert_close(ga, gb, rtol=0, atol=0)  # DDP averaged: both ranks hold the same gradient

@@ -151,6 +151,22 @@ def test_rebias_step_is_g_update_then_f_objective_by_hand():
         torch.set_default_dtype(torch.float32)
 
 
+def test_pre_update_option_reuses_the_update_forward_features():
+    """g_features_for_f=pre_update: g's update is unchanged, and f's penalty is HSIC(f, g's features from the forward
+    its update was computed on), so the two HSIC values of the step coincide."""
+    f = f_net()
+    fresh, pre = build(ReBiasParams(), f), build(ReBiasParams(g_features_for_f="pre_update"), f)
+    g0 = copy.deepcopy(pre.g)
+    x, y = batch(6)
+    out_f, _, _ = run_step(fresh, f, x, y)
+    out_p, _, feats = run_step(pre, f, x, y)
+    params_close(fresh.g, pre.g, 0.0)
+    _, g_before = g0(x, return_features=True)
+    want = unbiased_hsic_explicit(feats.detach().double(), g_before.detach().double(), 1.0, 1.0)
+    assert float(out_p.penalty.detach()) == pytest.approx(float(want), rel=1e-5)
+    assert out_p.metrics["rebias/hsic"] == out_p.metrics["rebias/hsic_g"] != out_f.metrics["rebias/hsic"]
+
+
 def test_lambda_zero_trains_g_on_ce_and_f_without_penalty():
     params = ReBiasParams(lambda_f=0.0, lambda_g=0.0, n_g_updates=2)
     f = f_net()

@@ -231,7 +231,9 @@ def build_biased_digits(p: BiasedDigitsParams) -> RawData:
     return _biased_raw(d.train_images[:, 0], d.train_labels, d.test_images[:, 0], d.test_labels, p)
 
 
-SOURCES.add("biased-mnist", BiasedMnistParams, build_biased_mnist, "colour-biased MNIST (ReBias): IDX files, rho, test_unbiased split")
-SOURCES.add("biased-digits", BiasedDigitsParams, build_biased_digits, "colour-biased 8x8 digits (no download), test_unbiased split")
+SOURCES.add("biased-mnist", BiasedMnistParams, build_biased_mnist,
+            "colour-biased MNIST (ReBias): IDX files, rho, test_unbiased split")
+SOURCES.add("biased-digits", BiasedDigitsParams, build_biased_digits,
+            "colour-biased 8x8 digits (no download), test_unbiased split")
 
 SourceConfig = union_of(SOURCES)

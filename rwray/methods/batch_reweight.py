@@ -23,6 +23,17 @@ affine parameters are part of "all"; "head" is the last parametrised module the 
 sample i's contribution to the batch gradient through the batch-coupled graph (see `rwray.methods.gram`); the
 reference implementation refuses that case.
 
+Gradient reuse (``grad_reuse``, on by default): the Gram pass already walks the graph once and sees every layer's
+input and output gradient e_i = dl_i/d(out_i). When samples meet only through the parameters, the loop's weighted
+gradient is sum_i (w_i/B) g_i, which those records give directly (a weighted weight-gradient per conv, a matmul per
+Linear, a dot product per norm layer) without a second walk of the graph: the step returns `losses` wrapped in an
+autograd Function (same values) whose backward does exactly that, and the Gram pass frees the forward graph as it
+goes (retain_graph=False), so the records replace the graph in memory rather than add to it. It applies only with
+the fast Gram over all parameters, never with BatchNorm using batch statistics (coupled samples), and only after
+the first eligible step has checked the records' weighted gradient against autograd's, parameter by parameter
+(relative 1e-3); that step trains on the ordinary graph, and a failed check switches reuse off for good.
+`grad_reuse=false` always keeps the graph (retain_graph=True) for the loop's own backward.
+
 Distributed: the Gram, p-scores and weights are over each worker's LOCAL batch (B per worker, not the global
 batch: a global Gram would need every worker's per-sample gradients). The weights have mean 1 on every worker, so
 DDP's gradient average stays the ERM scale. p-scores are collected per step by sample `index` and gathered

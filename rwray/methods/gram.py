@@ -46,6 +46,10 @@ implementations compute and the tests compare. The vmap reference cannot express
 per call has no batch), so it refuses a model with BatchNorm using batch statistics rather than silently computing
 something else (per-sample statistics); compare on GroupNorm or on BatchNorm in eval mode.
 
+`GramCapture.gram_and_grads` additionally keeps, per module call, what rebuilds any weighted sum sum_i c_i g_i
+(`LayerGrads`), so a caller can skip the second walk of the graph for the training gradient; see
+`rwray.methods.batch_reweight` for when that is exact and how it is verified.
+
 Also: the reference needs a deterministic forward (dropout active raises via vmap's ``randomness="error"``); the fast
 path sees the loop's own dropout masks. SyncBatchNorm in training mode and parameters shared between two selected
 modules are not supported by the fast path (they raise).
@@ -458,15 +462,14 @@ class GramCapture:
         def consume(i: int, c: _Call, e: torch.Tensor) -> None:
             fired.add(i)
             nonlocal G
-            if keep:
-                kept.add(c.module, c.x, e)
+            m = kept.add(c.module, c.x, e) if keep else None  # [B, 2C] for norm layers, else None
             if chosen is not None and c.name not in chosen:
                 return
             if c.name not in pending:
-                G += module_gram(c.module, c.x, e, self.strategy).to(torch.float64)
+                G += (m @ m.T if m is not None else module_gram(c.module, c.x, e, self.strategy)).to(torch.float64)
                 return
             pend = pending[c.name]
-            m = module_per_sample(c.module, c.x, e)
+            m = module_per_sample(c.module, c.x, e) if m is None else m
             pend.acc = m if pend.acc is None else pend.acc + m
             pend.remaining -= 1
 
@@ -520,11 +523,14 @@ class LayerGrads:
         self.entries: list[tuple[nn.Module, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = []
         self.complete = True  # the single partial backward reached every recorded output
 
-    def add(self, module: nn.Module, x: torch.Tensor, e: torch.Tensor) -> None:
+    def add(self, module: nn.Module, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor | None:
+        """Keep one module call; returns the per-sample gradients when they were computed (norm layers)."""
         if isinstance(module, _NORMS):
-            self.entries.append((module, None, None, norm_per_sample(module, x, e)))  # [B, 2C]: tiny
-        else:
-            self.entries.append((module, x, e, None))
+            per_sample = norm_per_sample(module, x, e)  # [B, 2C]: tiny, kept instead of x and e
+            self.entries.append((module, None, None, per_sample))
+            return per_sample
+        self.entries.append((module, x, e, None))
+        return None
 
     def params(self) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}

@@ -49,7 +49,8 @@ def rbf_kernel(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
 
 def _check_square_pair(k: torch.Tensor, l: torch.Tensor, estimator: str) -> int:
     if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape != l.shape:
-        raise ValueError(f"HSIC needs two [m, m] kernel matrices of the same size, got {tuple(k.shape)} and {tuple(l.shape)}")
+        raise ValueError(f"HSIC needs two [m, m] kernel matrices of the same size, got {tuple(k.shape)} and "
+                         f"{tuple(l.shape)}")
     m = k.shape[0]
     if m < MIN_SAMPLES[estimator]:
         raise ValueError(f"the {estimator} HSIC estimator needs at least {MIN_SAMPLES[estimator]} samples, got {m}")

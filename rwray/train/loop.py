@@ -22,6 +22,7 @@ from rwray.config import Config
 from rwray.data.augment import augment, decode, normalize
 from rwray.methods import METHODS, Method, StepInputs, weighted_loss
 from rwray.methods.base import DataInfo
+from rwray.bias_metrics import bias_cell_counts, summarize_bias_cells
 from rwray.metrics import confusion_matrix, per_class_accuracy, summarize
 from rwray.models import MODELS
 from rwray.optim import build_optimizer, build_scheduler
@@ -113,18 +114,24 @@ def train_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, ba
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Batch], num_classes: int, amp: str = "none") -> torch.Tensor:
-    """Global confusion matrix [K, K] over the batches all workers saw (all-reduced, exact)."""
+def evaluate(model: nn.Module, batches: Iterable[Batch], num_classes: int, amp: str = "none",
+             num_bias: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Global counts over the batches all workers saw (all-reduced, exact): the confusion matrix [K, K] and, when
+    the data has a bias attribute, (correct, total) per (class, bias) cell [2, K, K_bias]."""
     model.eval()
     device = next(model.parameters()).device
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    cells = torch.zeros(2, num_classes, num_bias, dtype=torch.int64, device=device) if num_bias else None
     for b in batches:
         if len(b.y) == 0:
             continue
         with autocast(device, amp):
             logits = model(b.x)
-        cm += confusion_matrix(logits.float().argmax(1), b.y, num_classes)
-    return dist.all_reduce_sum(cm)
+        preds = logits.float().argmax(1)
+        cm += confusion_matrix(preds, b.y, num_classes)
+        if cells is not None:
+            cells += bias_cell_counts(preds, b.y, b.extras["bias"], num_classes, num_bias)
+    return dist.all_reduce_sum(cm), (dist.all_reduce_sum(cells) if cells is not None else None)
 
 
 def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
@@ -156,7 +163,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     opt = build_optimizer(cfg.optim, model.parameters())
     sched = build_scheduler(cfg.schedule, opt, cfg.train.epochs)
 
-    start_epoch, best = 0, {"score": float("-inf"), "epoch": -1, "test_cm": None}
+    start_epoch, best = 0, {"score": float("-inf"), "epoch": -1, "cms": {}}
     # Ray's own checkpoint (a restarted worker group) wins; otherwise the user's resume= (Train V2 leaves that to us).
     restored = ray.train.get_checkpoint() or (ray.train.Checkpoint.from_directory(str(cfg.resume)) if cfg.resume else None)
     if restored is not None:
@@ -169,6 +176,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
         start_epoch, best = state["epoch"] + 1, state["best"]
 
     log = RunLogger(job["tracking_uri"], job["run_id"]) if rank == 0 else None
+    num_bias = info.num_classes if "bias" in info.extra_columns else None  # bias values index the classes' colours
     classes = manifest.classes
     gen = torch.Generator(device=device)
 
@@ -193,20 +201,26 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
         metrics["train/lr"] = opt.param_groups[0]["lr"]
         sched.step()
         metrics.update(method.end_epoch(epoch))
-        cms = {split: evaluate(model, eval_batches(split), info.num_classes, cfg.train.amp) for split in manifest.eval_splits}
-        for split, cm in cms.items():
-            metrics.update({f"{split}/{k}": v for k, v in summarize(cm.cpu(), info.class_counts).items()})
-            acc = per_class_accuracy(cm.cpu())  # [K]; NaN where the split has no sample of the class
+        cms = {}
+        for split in manifest.eval_splits:
+            cm, cells = evaluate(model, eval_batches(split), info.num_classes, cfg.train.amp, num_bias)
+            cms[split] = cm = cm.cpu()
+            metrics.update({f"{split}/{k}": v for k, v in summarize(cm, info.class_counts).items()})
+            acc = per_class_accuracy(cm)  # [K]; NaN where the split has no sample of the class
             metrics.update({f"{split}/class_acc/{c}": float(a) for c, a in enumerate(acc) if not torch.isnan(a)})
+            if cells is not None:
+                metrics.update({f"{split}/bias/{k}": v for k, v in summarize_bias_cells(cells.cpu()).items()})
         metrics["time/epoch_s"] = time.perf_counter() - t0
         metrics["train/samples_per_s"] = metrics["train/samples"] / metrics["time/epoch_s"]
 
         score = metrics.get(cfg.train.select_metric, float("-inf"))
         improved = score > best["score"]
-        if improved:  # chosen on validation only; test numbers of that epoch are reported alongside
-            best = {"score": score, "epoch": epoch, "test_cm": cms["test"].cpu()}
-        metrics.update({"best/epoch": best["epoch"], f"best/{cfg.train.select_metric}": best["score"],
-                        **{f"best/test/{k}": v for k, v in summarize(best["test_cm"], info.class_counts).items()}})
+        if improved:  # chosen on validation only; every other split's numbers of that epoch are reported alongside
+            best = {"score": score, "epoch": epoch, "cms": cms}
+        metrics.update({"best/epoch": best["epoch"], f"best/{cfg.train.select_metric}": best["score"]})
+        for split, cm in best["cms"].items():
+            if split != "val":
+                metrics.update({f"best/{split}/{k}": v for k, v in summarize(cm, info.class_counts).items()})
 
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -241,7 +255,7 @@ def _log_final_artifacts(log, model, method, manifest, best, classes, info) -> N
         tmp = Path(tmp)
         torch.save(checkpoint.unwrap(model).state_dict(), tmp / "model.pt")
         log.artifact(tmp / "model.pt", "checkpoints/last")
-        cm = best["test_cm"]
+        cm = best["cms"]["test"]
         acc = per_class_accuracy(cm).nan_to_num(0).tolist()
         (tmp / "confusion_matrix.json").write_text(json.dumps({"classes": classes, "rows_true_cols_pred": cm.tolist(),
                                                                  "epoch": best["epoch"], "split": "test"}))
