@@ -57,20 +57,27 @@ def load() -> str:
         return "n/a"
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call, the callables run in turn each repeat, the order reversed every other repeat."""
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, cpu: dict[str, list[float]] | None = None
+                ) -> dict[str, list[float]]:
+    """Wall seconds per call, the callables run in turn each repeat, the order reversed every other repeat.
+    `cpu`, when given, collects this process's CPU seconds per call too (less sensitive to other jobs' load)."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         for n in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fns[n]()
             times[n].append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu.setdefault(n, []).append(time.process_time() - c0)
     return times
 
 
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak of PyTorch CPU-allocator bytes above the level at the call's start (profiler allocation events)."""
+def peak_bytes(fn: Callable[[], object]) -> tuple[int, int]:
+    """(peak of the bytes this call allocated and still held, peak net change of allocated bytes counting frees of
+    blocks that existed before the call too), both relative to the start, from the torch profiler's allocation
+    events (PyTorch's CPU allocator). The first is what the call adds; the second can be lower when the call frees
+    older tensors (the grad-reuse Gram pass frees the forward graph as it goes)."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -84,34 +91,38 @@ def peak_bytes(fn: Callable[[], object]) -> int:
 
     allocs = sorted((e for e in walk(prof.profiler.kineto_results.experimental_event_tree()) if e.tag == _EventType.Allocation),
                     key=lambda e: e.start_time_ns)
-    # Frees of blocks allocated before the profile started are skipped: the level counts only this call's blocks.
     live: set[int] = set()
-    level = peak = 0
+    own = own_peak = net = net_peak = 0
     for e in allocs:
         size, ptr = e.extra_fields.alloc_size, e.extra_fields.ptr
+        net += size
+        net_peak = max(net_peak, net)
         if size > 0:
             live.add(ptr)
         elif ptr in live:
             live.discard(ptr)
         else:
-            continue
-        level += size
-        peak = max(peak, level)
-    return peak
+            continue  # a block allocated before the call: not this call's
+        own += size
+        own_peak = max(own_peak, own)
+    return own_peak, net_peak
 
 
 # ----- 1. training steps ------------------------------------------------------------------------------------------
 def step_ratio(norm: str, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict:
+    """ERM vs batch reweighting (defaults) interleaved; with GroupNorm also BR with grad_reuse off."""
     torch.manual_seed(0)
-    m_erm = resnet32(ResNet32Params(norm=norm), INFO)
-    m_br = copy.deepcopy(m_erm)
+    base = resnet32(ResNet32Params(norm=norm), INFO)
     index = torch.arange(len(y))
-    runs = {}
-    for name, model, params in (("erm", m_erm, ERMParams()), ("br", m_br, BatchReweightParams())):
+    configs = {"erm": ERMParams(), "br": BatchReweightParams()}
+    if norm == "group":  # with BatchNorm in training mode reuse never applies: "br" already is the plain path
+        configs["br_noreuse"] = BatchReweightParams(grad_reuse=False)
+    runs, methods = {}, {}
+    for name, params in configs.items():
+        model = copy.deepcopy(base).train()
         method = METHODS.build(params, INFO)
         method.attach(model, prepare=lambda m: m, device=torch.device("cpu"))
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-        model.train()
 
         def one(model=model, method=method, opt=opt) -> None:
             logits, feats = model(x, return_features=True)
@@ -120,13 +131,21 @@ def step_ratio(norm: str, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dic
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        one()  # warm-up (allocator, oneDNN primitives)
-        runs[name] = one
-    t = interleaved(runs, repeats)
+        one()  # warm-up (allocator, oneDNN primitives); for BR also the one-time grad-reuse check
+        one()
+        runs[name], methods[name] = one, method
+    cpu: dict[str, list[float]] = {}
+    t = interleaved(runs, repeats, cpu)
     med = {k: statistics.median(v) for k, v in t.items()}
-    per_repeat = [b / a for a, b in zip(t["erm"], t["br"])]
-    return {"norm": norm, "repeats": repeats, "erm": med["erm"], "br": med["br"], "ratio": med["br"] / med["erm"],
-            "ratio_of_pairs": statistics.median(per_repeat), "raw": t}
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
+    out = {"norm": norm, "repeats": repeats, "wall": med, "cpu": cmed, "raw": t,
+           "reuse": {k: getattr(m, "reuse_ok", None) for k, m in methods.items()}}
+    for k in configs:
+        if k != "erm":
+            out[f"ratio_{k}"] = med[k] / med["erm"]
+            out[f"pairs_{k}"] = statistics.median(b / a for a, b in zip(t["erm"], t[k]))
+            out[f"cpu_ratio_{k}"] = cmed[k] / cmed["erm"]
+    return out
 
 
 # ----- 2./3. Gram: fast vs reference --------------------------------------------------------------------------------
@@ -134,60 +153,68 @@ def gram_compare(x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict:
     torch.manual_seed(0)
     model = resnet32(ResNet32Params(norm="group"), INFO).train()
     d = sum(p.numel() for p in model.parameters())
-    cap = gm.GramCapture(model)
+    state: dict = {"cap": None}
 
-    def forward() -> torch.Tensor:
-        return ce(model(x), y)  # [B] with graph, recorded by the capture
+    def open_cap() -> None:  # exactly one capture hooked at a time (a stale one would keep graphs alive)
+        close_cap()
+        state["cap"] = gm.GramCapture(model)
+        state["losses"] = ce(model(x), y)  # [B] the "loop's forward", recorded, made outside any timed call
 
-    state: dict = {}
+    def close_cap() -> None:
+        if state["cap"] is not None:
+            state["cap"].close()
+        state["cap"] = None
+        state.pop("losses", None)
 
     def in_step_fast() -> None:
-        state["G_fast"] = cap.gram(state["losses"])
+        state["G_fast"] = state["cap"].gram(state["losses"])
+
+    def in_step_keep() -> None:  # the grad-reuse variant: keeps the layer records, frees the graph as it goes
+        state["kept"] = state["cap"].gram_and_grads(state["losses"], retain_graph=False)[1]
 
     def in_step_ref() -> None:
-        with cap.paused():
+        with state["cap"].paused():
             state["G_ref"] = gm.reference_gram(model, x, y, ce)
 
     def standalone_fast() -> None:
-        cap.close()
         gm.gram(model, x, y, ce, impl="fast")
 
     def standalone_ref() -> None:
         gm.gram(model, x, y, ce, impl="reference")
 
     # Correctness on the benchmark data itself.
-    cap = gm.GramCapture(model)
-    state["losses"] = forward()
+    open_cap()
     in_step_fast()
     in_step_ref()
     max_dS = (gm.cosine(state["G_fast"]) - gm.cosine(state["G_ref"])).abs().max().item()
     same_p = torch.equal(gm.pscores(gm.cosine(state["G_fast"]), 0.7), gm.pscores(gm.cosine(state["G_ref"]), 0.7))
 
-    # Time: the in-step pair shares one recorded forward per repeat (made outside the timed calls).
-    times: dict[str, list[float]] = {"in_step_fast": [], "in_step_ref": [], "standalone_fast": [], "standalone_ref": []}
+    # Time: the in-step pair shares one recorded forward per repeat; the standalone pair runs with no capture hooked.
+    times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     for r in range(repeats):
-        cap = gm.GramCapture(model)
-        state["losses"] = forward()
-        pair = interleaved({"in_step_fast": in_step_fast, "in_step_ref": in_step_ref} if r % 2 == 0 else
-                           {"in_step_ref": in_step_ref, "in_step_fast": in_step_fast}, 1)
-        state.pop("losses")
-        cap.clear()
-        pair.update(interleaved({"standalone_fast": standalone_fast, "standalone_ref": standalone_ref} if r % 2 == 0 else
-                                {"standalone_ref": standalone_ref, "standalone_fast": standalone_fast}, 1))
-        for k, v in pair.items():
-            times[k] += v
+        open_cap()
+        pair = {"in_step_fast": in_step_fast, "in_step_ref": in_step_ref}
+        for k, v in interleaved(pair if r % 2 == 0 else dict(reversed(pair.items())), 1, cpu).items():
+            times.setdefault(k, []).extend(v)
+        close_cap()
+        pair = {"standalone_fast": standalone_fast, "standalone_ref": standalone_ref}
+        for k, v in interleaved(pair if r % 2 == 0 else dict(reversed(pair.items())), 1, cpu).items():
+            times.setdefault(k, []).extend(v)
     med = {k: statistics.median(v) for k, v in times.items()}
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
 
-    # Memory, one profiled call each.
-    cap = gm.GramCapture(model)
-    state["losses"] = forward()
-    mem = {"in_step_fast": peak_bytes(in_step_fast), "in_step_ref": peak_bytes(in_step_ref)}
-    state.pop("losses")
-    cap.close()
+    # Memory, one profiled call each: (peak of this call's own allocations, peak net change incl. frees of older blocks)
+    mem = {}
+    for name, fn in (("in_step_fast", in_step_fast), ("in_step_keep", in_step_keep), ("in_step_ref", in_step_ref)):
+        open_cap()
+        mem[name] = peak_bytes(fn)
+        state.pop("kept", None)
+    close_cap()
     mem["standalone_fast"] = peak_bytes(standalone_fast)
     mem["standalone_ref"] = peak_bytes(standalone_ref)
-    return {"repeats": repeats, "d": d, "max_dS": max_dS, "same_p": same_p, "time": med, "raw": times, "mem": mem,
-            "bxd_bytes": len(y) * d * 4}
+    return {"repeats": repeats, "d": d, "max_dS": max_dS, "same_p": same_p, "time": med, "cpu": cmed, "raw": times,
+            "mem": mem, "bxd_bytes": len(y) * d * 4}
 
 
 # ----- report -----------------------------------------------------------------------------------------------------
@@ -211,39 +238,55 @@ def report(steps: list[dict], g: dict, meta: dict) -> str:
     L.append("A step is forward, `method.step`, `weighted_loss(...).backward()`, SGD step. Batch reweighting: defaults "
              "(all parameters, gamma 0.7, softmax weights, fast Gram). BatchNorm in training mode (the coupled "
              "per-sample contribution, see `rwray/methods/gram.py`).")
-    L += ["", "| norm | repeats | ERM step (s) | BR step (s) | ratio of medians | median of per-repeat ratios | goal | verdict |",
-          "|---|---|---|---|---|---|---|---|"]
+    L += ["", "| norm | variant | repeats | ERM step (s) | BR step (s) | ratio of medians | median of per-repeat "
+          "ratios | CPU-time ratio | goal | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in steps:
         goal = GOALS[s["norm"]]
-        L.append(f"| {s['norm']} | {s['repeats']} | {s['erm']:.3f} | {s['br']:.3f} | {s['ratio']:.2f}x | "
-                 f"{s['ratio_of_pairs']:.2f}x | <= {goal}x | {verdict(s['ratio'] <= goal, s['ratio'], goal, 'lower')} |")
-    t, m = g["time"], g["mem"]
+        for k in [k for k in s["wall"] if k != "erm"]:
+            variant = {"br": "default" + (" (grad reuse on)" if s["reuse"]["br"] else " (grad reuse n/a: coupled)"),
+                       "br_noreuse": "grad_reuse=false"}[k]
+            r = s[f"ratio_{k}"]
+            L.append(f"| {s['norm']} | {variant} | {s['repeats']} | {s['wall']['erm']:.3f} | {s['wall'][k]:.3f} | "
+                     f"{r:.2f}x | {s[f'pairs_{k}']:.2f}x | {s[f'cpu_ratio_{k}']:.2f}x | <= {goal}x | "
+                     f"{verdict(r <= goal, r, goal, 'lower')} |")
+    L.append("")
+    L.append("CPU-time ratio: the same calls' process CPU seconds (both threads), a cross-check that moves less with "
+             "other jobs' load; the verdict uses the wall-clock ratio of medians.")
+    t, c, m = g["time"], g["cpu"], g["mem"]
     L += ["", "### Gram: fast (hooks) vs reference (torch.func vmap), GroupNorm, all parameters", ""]
-    L.append(f"Same result: max |cosine difference| {g['max_dS']:.1e} over the {meta['batch']}x{meta['batch']} matrix; "
-             f"p-scores at gamma 0.7 {'identical' if g['same_p'] else 'DIFFERENT'}. {g['repeats']} interleaved repeats.")
-    L.append("*In-step* is what the method pays after the loop's forward (fast: one partial backward plus the per-layer "
-             "Grams on the recorded forward; reference: its own vmapped forward and backward). *Standalone* is "
-             "`gram(model, x, y, loss_fn, impl=...)` from scratch (the fast one runs its own forward too).")
-    L += ["", "| view | fast (s) | reference (s) | reference / fast | goal | verdict |", "|---|---|---|---|---|---|"]
+    L.append(f"Same result: max |cosine difference| {g['max_dS']:.1e} over the {meta['batch']}x{meta['batch']} matrix "
+             f"(float32 both); p-scores at gamma 0.7 {'identical' if g['same_p'] else 'DIFFERENT'}. {g['repeats']} "
+             "interleaved repeats. *In-step* is what the method pays after the loop's forward (fast: one partial "
+             "backward plus the per-layer Grams on the recorded forward; reference: its own vmapped forward and "
+             "backward). *Standalone* is `gram(model, x, y, loss_fn, impl=...)` from scratch (the fast one runs its "
+             "own forward too).")
+    L += ["", "| view | fast (s) | reference (s) | reference / fast | CPU-time ratio | goal | verdict |",
+          "|---|---|---|---|---|---|---|"]
     for view in ("in_step", "standalone"):
         r = t[f"{view}_ref"] / t[f"{view}_fast"]
-        L.append(f"| {view.replace('_', '-')} time | {t[f'{view}_fast']:.3f} | {t[f'{view}_ref']:.3f} | {r:.2f}x | >= "
-                 f"{GOALS['time']}x | {verdict(r >= GOALS['time'], r, GOALS['time'], 'higher')} |")
-    L += ["", "Peak memory: bytes allocated by PyTorch's CPU allocator above the level at the call's start, from the "
-          "torch profiler's allocation events (`profile_memory=True`), one profiled call each. In-step calls start "
-          "after the loop's forward (its graph is held in both cases and not counted). For scale: B x d float32 "
-          f"per-sample gradients are {g['bxd_bytes'] / mib:.0f} MiB.", "",
-          "| view | fast (MiB) | reference (MiB) | reference / fast | goal | verdict |", "|---|---|---|---|---|---|"]
-    for view in ("in_step", "standalone"):
-        r = m[f"{view}_ref"] / m[f"{view}_fast"]
-        L.append(f"| {view.replace('_', '-')} peak | {m[f'{view}_fast'] / mib:.0f} | {m[f'{view}_ref'] / mib:.0f} | "
+        L.append(f"| {view.replace('_', '-')} time | {t[f'{view}_fast']:.3f} | {t[f'{view}_ref']:.3f} | {r:.2f}x | "
+                 f"{c[f'{view}_ref'] / c[f'{view}_fast']:.2f}x | >= {GOALS['time']}x | "
+                 f"{verdict(r >= GOALS['time'], r, GOALS['time'], 'higher')} |")
+    L += ["", "Peak memory, measured: bytes allocated by PyTorch's CPU allocator, from the torch profiler's allocation "
+          "events (`profile_memory=True`), one profiled call each, relative to the level at the call's start: "
+          "*own* counts the blocks the call allocates (its peak working set), *net* also subtracts blocks from "
+          "before the call that it frees. In-step calls start after the loop's forward, whose graph is held in "
+          "every case and not counted. *fast + records* is the grad-reuse pass (the method's default with "
+          "GroupNorm): it keeps each conv's output gradient for the loop's backward and frees the forward graph as "
+          f"it goes. For scale: B x d float32 per-sample gradients are {g['bxd_bytes'] / mib:.0f} MiB.", "",
+          "| view | fast own / net (MiB) | reference own / net (MiB) | reference / fast (own) | goal | verdict |",
+          "|---|---|---|---|---|---|"]
+    rows = [("in-step, fast Gram", "in_step_fast", "in_step_ref"), ("in-step, fast + records", "in_step_keep", "in_step_ref"),
+            ("standalone", "standalone_fast", "standalone_ref")]
+    for label, f, rname in rows:
+        r = m[rname][0] / m[f][0]
+        L.append(f"| {label} | {m[f][0] / mib:.0f} / {m[f][1] / mib:.0f} | {m[rname][0] / mib:.0f} / {m[rname][1] / mib:.0f} | "
                  f"{r:.1f}x | >= {GOALS['memory']}x | {verdict(r >= GOALS['memory'], r, GOALS['memory'], 'higher')} |")
     L += ["", "Raw seconds per repeat (in run order):", ""]
     for s in steps:
-        L.append(f"- step {s['norm']}: ERM {', '.join(f'{v:.3f}' for v in s['raw']['erm'])}; "
-                 f"BR {', '.join(f'{v:.3f}' for v in s['raw']['br'])}")
+        L.append(f"- step {s['norm']}: " + "; ".join(f"{k} {', '.join(f'{v:.3f}' for v in vals)}" for k, vals in s["raw"].items()))
     for k, v in g["raw"].items():
-        L.append(f"- gram {k.replace('_', '-')}: {', '.join(f'{x:.3f}' for x in v)}")
+        L.append(f"- gram {k.replace('_', '-')}: {', '.join(f'{v_:.3f}' for v_ in v)}")
     L += ["", meta["notes"], END]
     return "\n".join(L) + "\n"
 
@@ -294,15 +337,16 @@ def main() -> None:
     for norm in ("group", "batch"):
         steps.append(step_ratio(norm, x, y, args.step_repeats))
         s = steps[-1]
-        print(f"step {norm}: ERM {s['erm']:.3f}s BR {s['br']:.3f}s ratio {s['ratio']:.2f}x "
-              f"(median of pairs {s['ratio_of_pairs']:.2f}x)  [{time.perf_counter() - t0:.0f}s]", flush=True)
+        print(f"step {norm}: " + ", ".join(f"{k} {v:.3f}s" for k, v in s["wall"].items()) + "; " +
+              ", ".join(f"{k[6:]} {v:.2f}x" for k, v in s.items() if k.startswith("ratio_")) +
+              f"  [{time.perf_counter() - t0:.0f}s]", flush=True)
     gr = gram_compare(x, y, args.gram_repeats)
     t, m = gr["time"], gr["mem"]
     print(f"gram in-step fast {t['in_step_fast']:.3f}s ref {t['in_step_ref']:.3f}s ({t['in_step_ref'] / t['in_step_fast']:.2f}x); "
           f"standalone fast {t['standalone_fast']:.3f}s ref {t['standalone_ref']:.3f}s "
           f"({t['standalone_ref'] / t['standalone_fast']:.2f}x)", flush=True)
-    print(f"memory in-step fast {m['in_step_fast'] / 2**20:.0f} MiB ref {m['in_step_ref'] / 2**20:.0f} MiB; standalone fast "
-          f"{m['standalone_fast'] / 2**20:.0f} MiB ref {m['standalone_ref'] / 2**20:.0f} MiB; max|dS| {gr['max_dS']:.1e}", flush=True)
+    print("memory own/net MiB: " + ", ".join(f"{k} {a / 2**20:.0f}/{b / 2**20:.0f}" for k, (a, b) in m.items()) +
+          f"; max|dS| {gr['max_dS']:.1e}  [{time.perf_counter() - t0:.0f}s]", flush=True)
     meta["load_end"] = load()
     write_section(args.out, report(steps, gr, meta))
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f}s")

@@ -223,9 +223,11 @@ def _summary(name: str, result) -> None:
     def pct(key: str) -> str:
         return f"{100 * m[key]:.1f}" if key in m else "-"
 
-    t.add_row("test (selected)", *(pct(f"best/test/{k}") for k in ("top1", "balanced_acc", "many_acc", "medium_acc", "few_acc")))
-    t.add_row("val (last)", *(pct(f"val/{k}") for k in ("top1", "balanced_acc", "many_acc", "medium_acc", "few_acc")))
-    t.add_row("test (last)", *(pct(f"test/{k}") for k in ("top1", "balanced_acc", "many_acc", "medium_acc", "few_acc")))
+    keys = ("top1", "balanced_acc", "many_acc", "medium_acc", "few_acc")
+    selected = sorted({k.split("/")[1] for k in m if k.startswith("best/") and k.endswith("/top1")})
+    for split in selected:  # test, and any extra test sets (e.g. test_unbiased), at the epoch chosen on val
+        t.add_row(f"{split} (selected)", *(pct(f"best/{split}/{k}") for k in keys))
+    t.add_row("val (last)", *(pct(f"val/{k}") for k in keys))
     Console().print(t)
     console.print(f"MLflow run {result.run_id} in {result.tracking_uri}")
 

@@ -47,8 +47,15 @@ def ray_head(tmp_path):
 
 
 def _submit(address, env, workdir, *args):
-    return subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(workdir),
-                           "--", str(BIN / "rwray"), *args], env=env, capture_output=True, text=True, timeout=900)
+    # The head's job agent starts a little after `ray start` returns; until then the server answers "No available
+    # agent" and accepts nothing, so retrying that answer cannot submit a job twice.
+    for _ in range(60):
+        p = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(workdir),
+                            "--", str(BIN / "rwray"), *args], env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in p.stdout + p.stderr:
+            return p
+        time.sleep(5)
+    return p
 
 
 def _job(tmp_path, digits_dir, name, **optim):

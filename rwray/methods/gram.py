@@ -58,6 +58,8 @@ modules are not supported by the fast path (they raise).
 from __future__ import annotations
 
 import contextlib
+import functools
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
@@ -361,15 +363,28 @@ def module_gram(module: nn.Module, x: torch.Tensor, e: torch.Tensor, strategy: S
 class _Call:
     name: str
     module: nn.Module
-    x: torch.Tensor | None  # [B, ...] detached input (None: the call had no single tensor input)
-    out: torch.Tensor  # [B, ...] output, with graph
+    x: torch.Tensor | None  # [B, ...] detached input (None: the call had no single tensor input); aliases a tensor
+    #                         the graph saves anyway for Linear/Conv/norm layers, so it costs no memory of its own
+    edge: Any  # GradientEdge of the output: what the partial backward asks for, without holding the output itself
+    out_ref: Any  # weakref to the output [B, ...]: the capture never keeps an output alive (a norm layer's output
+    #               is saved by nobody else, so holding it would add a whole activation per layer)
+    batch: int  # out.shape[0]
     version: int  # out._version at capture: an in-place change afterwards would make its gradient the wrong one
+    handle: Any  # the tensor hook on the output, registered in the forward, acting only while a Gram pass runs
 
 
 @dataclass
 class _Pending:
     remaining: int
     acc: torch.Tensor | None = None  # [B, d_module] summed per-sample gradients of a module called several times
+
+
+def _on_grad(cap_ref: Any, i: int, e: torch.Tensor) -> None:
+    """Tensor hook on a recorded output: hands d(sum l)/d(out) to the running Gram pass, if any; returns None, so
+    propagation is untouched. Holds the capture weakly: the graph never keeps the capture (and its records) alive."""
+    cap = cap_ref()
+    if cap is not None and cap._consumer is not None:
+        cap._consumer(i, e)
 
 
 @dataclass
@@ -380,12 +395,14 @@ class GramCapture:
         cap = GramCapture(model)
         logits = model(x); losses = loss_fn(logits, y)   # [B]
         G = cap.gram(losses)                              # [B, B] float64; the graph is kept for losses' backward
+        cap.clear()                                       # before the training backward: drops records and hooks
     """
 
     model: nn.Module
     strategy: Strategy = "auto"
     calls: list[_Call] = field(default_factory=list)
     _paused: bool = False
+    _consumer: Callable[[int, torch.Tensor], None] | None = None
     _handles: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -399,7 +416,7 @@ class GramCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self.calls.clear()
+        self.clear()
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -412,14 +429,17 @@ class GramCapture:
 
     def _start(self, module: nn.Module, args: Any) -> None:
         if not self._paused:
-            self.calls.clear()
+            self.clear()
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
             if self._paused or not torch.is_grad_enabled() or not isinstance(out, torch.Tensor) or not out.requires_grad:
                 return
             x = args[0].detach() if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
-            self.calls.append(_Call(name, module, x, out, out._version))
+            i = len(self.calls)
+            handle = out.register_hook(functools.partial(_on_grad, weakref.ref(self), i))
+            self.calls.append(_Call(name, module, x, torch.autograd.graph.get_gradient_edge(out), weakref.ref(out),
+                                    out.shape[0] if out.dim() else -1, out._version, handle))
 
         return hook
 
@@ -428,7 +448,10 @@ class GramCapture:
         return list(dict.fromkeys(c.name for c in self.calls))
 
     def clear(self) -> None:
-        self.calls.clear()  # drops the references to the outputs (and through them the graph)
+        """Drop the records and remove their tensor hooks (call it before the training backward)."""
+        for c in self.calls:
+            c.handle.remove()
+        self.calls.clear()
 
     def gram(self, losses: torch.Tensor, modules: Iterable[str] | None = None) -> torch.Tensor:
         """[B] per-sample losses (from the recorded forward) -> [B, B] float64 Gram over the selected modules' own
@@ -440,7 +463,7 @@ class GramCapture:
         """Like `gram`, and also keep what rebuilds any weighted sum of the per-sample gradients of EVERY recorded
         module later (`LayerGrads`): the partial backward then reaches every recorded output, whatever `modules`.
         retain_graph=False frees the forward graph as the pass goes (the caller then backpropagates through
-        `LayerGrads.surrogate` only)."""
+        `LayerGrads.surrogate` only), and the records drop what they no longer need as they go."""
         return self._run(losses, modules, keep=True, retain_graph=retain_graph)
 
     def _run(self, losses: torch.Tensor, modules: Iterable[str] | None, keep: bool, retain_graph: bool
@@ -448,21 +471,27 @@ class GramCapture:
         B = losses.shape[0]
         G = torch.zeros(B, B, dtype=torch.float64, device=losses.device)
         chosen = None if modules is None else set(modules)
-        calls = [c for c in self.calls if keep or chosen is None or c.name in chosen]
+        active = {i for i, c in enumerate(self.calls) if keep or chosen is None or c.name in chosen}
         kept = LayerGrads(B)
-        if not calls or B == 0:
+        if not active or B == 0:
             return G, kept
-        self._check(calls, B)
+        calls = self.calls
+        self._check([calls[i] for i in sorted(active)], B)
         count: dict[str, int] = {}
-        for c in calls:
-            count[c.name] = count.get(c.name, 0) + 1
+        for i in active:
+            count[calls[i].name] = count.get(calls[i].name, 0) + 1
         pending = {n: _Pending(k) for n, k in count.items() if k > 1}  # shared modules: sum per-sample grads first
         fired: set[int] = set()
 
-        def consume(i: int, c: _Call, e: torch.Tensor) -> None:
+        def consume(i: int, e: torch.Tensor) -> None:
+            if i not in active or i in fired:
+                return
             fired.add(i)
             nonlocal G
+            c = calls[i]
             m = kept.add(c.module, c.x, e) if keep else None  # [B, 2C] for norm layers, else None
+            if keep and not retain_graph and m is not None:
+                c.x = None  # a norm layer's input is not needed any more: let the engine free it
             if chosen is not None and c.name not in chosen:
                 return
             if c.name not in pending:
@@ -473,22 +502,19 @@ class GramCapture:
             pend.acc = m if pend.acc is None else pend.acc + m
             pend.remaining -= 1
 
-        handles = []
-        for i, c in enumerate(calls):
-            # The hook sees d(sum l)/d(out) as the engine produces it, and returns None: propagation is untouched.
-            handles.append(c.out.register_hook(lambda e, i=i, c=c: consume(i, c, e)))
+        first = min(active)
+        self._consumer = consume
         try:
             with self.paused():
                 total = losses.sum()
                 # Only the earliest output is asked for: the engine walks loss -> it, passing every later output.
-                torch.autograd.grad(total, [calls[0].out], retain_graph=retain_graph, allow_unused=True)
-                rest = [c.out for i, c in enumerate(calls) if i not in fired]
+                torch.autograd.grad(total, [calls[first].edge], retain_graph=retain_graph, allow_unused=True)
+                rest = [calls[i].edge for i in sorted(active - fired)]
                 if rest and retain_graph:  # outputs not upstream of the earliest one (parallel branches): rarer
                     torch.autograd.grad(total, rest, retain_graph=True, allow_unused=True)
                 kept.complete = not rest  # every recorded output reached by the first (single) pass
         finally:
-            for h in handles:
-                h.remove()
+            self._consumer = None
         for pend in pending.values():
             if pend.acc is not None:
                 G += (pend.acc @ pend.acc.T).to(torch.float64)
@@ -499,10 +525,11 @@ class GramCapture:
         for c in calls:
             if c.x is None:
                 raise NotImplementedError(f"fast Gram: module {c.name!r} was not called with a single tensor input")
-            if c.out._version != c.version:
+            out = c.out_ref()
+            if out is not None and out._version != c.version:
                 raise RuntimeError(f"fast Gram: the output of {c.name!r} was modified in place after the forward "
                                    "(e.g. ReLU(inplace=True)); its captured gradient would be the wrong one")
-            if c.x.shape[0] != B or c.out.shape[0] != B:
+            if c.x.shape[0] != B or c.batch != B:
                 raise ValueError(f"fast Gram: module {c.name!r} does not keep the batch in dim 0")
             for _, p in own_params(c.module):
                 if owners.setdefault(id(p), c.name) != c.name:

@@ -1,10 +1,13 @@
 """Checkpoint directories: one `state.pt` (tensors and plain containers only) plus the resolved config.
 
-Loaded with ``torch.load(weights_only=True)``: restoring never unpickles arbitrary objects.
+Loaded with ``torch.load(weights_only=True)``: restoring never unpickles arbitrary objects. A file that holds
+anything else (a pickled class, a function reference) is refused with `CheckpointError` before any of it runs.
 """
 
 from __future__ import annotations
 
+import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,18 @@ from torch import nn
 
 STATE = "state.pt"
 CONFIG = "config.yaml"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's reported checkpoints
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely or at all; the message names the file and the fix."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"refusing to load checkpoint {path}: {reason}")
+
+    def __reduce__(self):  # raised in a Ray worker, re-raised on the driver with its fields
+        return type(self), (self.path, self.reason)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -32,4 +47,30 @@ def load(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not an rwray checkpoint (no {STATE}); point resume= at a "
                                 f"checkpoint_* directory under the run's output_dir/ray folder")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message lists the offending global (e.g. "Unsupported global: GLOBAL posix.system"): keep it.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(str(path), f"it holds objects other than tensors and plain containers ({first[:300]}). "
+                              "rwray never writes such files: it was not written by rwray or was altered. Fix: "
+                              "resume from a checkpoint_* folder this project wrote, or start without resume=") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated / not a torch file
+        raise CheckpointError(str(path), f"it is not a readable torch file ({type(e).__name__}: {str(e)[:200]}). "
+                              "Fix: resume from an earlier checkpoint_* folder (Ray keeps the last two)") from None
+
+
+def latest_in(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint Ray Train recorded for a run folder (output_dir/ray/<run>), or None.
+
+    Ray's snapshot names the latest reported checkpoint; a checkpoint folder without a snapshot entry was never
+    committed (the worker died while reporting it) and is ignored, as Ray ignores it on restore.
+    """
+    snap = Path(run_dir) / RAY_SNAPSHOT
+    try:
+        latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError):
+        return None
+    name = latest.get("checkpoint_dir_name")
+    d = Path(run_dir) / name if name else None
+    return d if d is not None and (d / STATE).is_file() else None

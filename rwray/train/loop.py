@@ -3,16 +3,23 @@
 Ray appears in five visible places: get_context, get_dataset_shard, prepare_model, get_checkpoint, report.
 The epoch and evaluation bodies (`train_epoch`, `evaluate`) are plain torch functions over iterables of batches,
 so benchmarks run the same code in a plain process.
+
+Restarts (a lost worker, a preempted driver) replay exactly: the data order of an epoch is a function of
+(seed, epoch) alone (`epoch_rows`), augmentation and dropout of (seed, rank, epoch), and the checkpoint holds the
+model, optimizer, scheduler, method state and every logged epoch's metrics. An epoch's metrics are logged once,
+after its checkpoint is reported; a restart skips what the restored checkpoint covers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -41,6 +48,34 @@ class NonFiniteLoss(FloatingPointError):
 
     def __reduce__(self):  # crosses process boundaries (Ray worker -> driver) with its fields intact
         return type(self), (self.epoch, self.step, self.indices)
+
+
+# torch.cuda.OutOfMemoryError is torch.OutOfMemoryError (every accelerator's); the name exists on CPU builds too.
+OOM = torch.OutOfMemoryError
+
+
+class BatchTooLarge(MemoryError):
+    """Out of accelerator memory, re-raised naming the config field to lower (the raw CUDA message does not)."""
+
+    def __init__(self, field: str, size: int, where: str, grad_accum: int = 1, detail: str = ""):
+        self.field, self.size, self.where, self.grad_accum, self.detail = field, size, where, grad_accum, detail
+        half = max(1, size // 2)
+        keep = (f" and train.grad_accum={2 * grad_accum} to keep the effective batch" if field == "data.batch_size"
+                else "")
+        super().__init__(
+            f"out of accelerator memory {where} with {field}={size} per worker{f' ({detail})' if detail else ''}. "
+            f"Fix: lower {field} (e.g. {field}={half}{keep}), or use a smaller model, or a GPU with more memory. "
+            f"The last checkpoint is intact.")
+
+    def __reduce__(self):
+        return type(self), (self.field, self.size, self.where, self.grad_accum, self.detail)
+
+
+def _oom(field: str, size: int, where: str, grad_accum: int, err: BaseException) -> BatchTooLarge:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the failed step's tensors are unreachable once this frame unwinds
+    first = (str(err).strip().splitlines() or [""])[0]
+    return BatchTooLarge(field, size, where, grad_accum, first[:200])
 
 
 @dataclass
@@ -74,8 +109,12 @@ def autocast(device: torch.device, amp: str):
 
 
 def train_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, batches: Iterable[Batch], epoch: int,
-                grad_accum: int = 1, amp: str = "none") -> dict[str, float]:
-    """One pass over this worker's batches. Returns epoch metrics (losses exact over workers)."""
+                grad_accum: int = 1, amp: str = "none",
+                on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    """One pass over this worker's batches. Returns epoch metrics (losses exact over workers).
+
+    Out of accelerator memory raises `BatchTooLarge` naming data.batch_size; ``on_step(step)`` runs after each
+    step (progress reporting)."""
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -87,23 +126,28 @@ def train_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, ba
         last_micro = (step + 1) % grad_accum == 0
         # DDP all-reduces gradients on every backward; skip it on accumulation steps that do not update.
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with autocast(device, amp):
-                logits, feats = model(b.x, return_features=True)
-            out = method.step(StepInputs(model, b.x, b.y, b.index, logits, feats, epoch, step, b.extras))
-            bad = ~torch.isfinite(out.losses.detach()) | ~torch.isfinite(out.weights)
-            if bad.any():
-                raise NonFiniteLoss(epoch, step, b.index[bad].tolist())
-            loss = weighted_loss(out)
-            (loss / grad_accum).backward()
-        if last_micro:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        try:
+            with sync:
+                with autocast(device, amp):
+                    logits, feats = model(b.x, return_features=True)
+                out = method.step(StepInputs(model, b.x, b.y, b.index, logits, feats, epoch, step, b.extras))
+                bad = ~torch.isfinite(out.losses.detach()) | ~torch.isfinite(out.weights)
+                if bad.any():
+                    raise NonFiniteLoss(epoch, step, b.index[bad].tolist())
+                loss = weighted_loss(out)
+                (loss / grad_accum).backward()
+            if last_micro:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        except OOM as e:
+            raise _oom("data.batch_size", len(b.y), f"at epoch {epoch}, step {step}", grad_accum, e) from None
         loss_sum += out.losses.detach().double().sum()
         seen += len(b.y)
         weight_sum += float(out.weights.sum())
         for k, v in out.metrics.items():
             method_metrics[k] = method_metrics.get(k, 0.0) + float(v)
+        if on_step is not None:
+            on_step(step)
     if (step + 1) % grad_accum != 0:  # a trailing partial accumulation still updates
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -125,8 +169,11 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], num_classes: int, amp: 
     for b in batches:
         if len(b.y) == 0:
             continue
-        with autocast(device, amp):
-            logits = model(b.x)
+        try:
+            with autocast(device, amp):
+                logits = model(b.x)
+        except OOM as e:
+            raise _oom("data.eval_batch_size", len(b.y), "while evaluating", 1, e) from None
         preds = logits.float().argmax(1)
         cm += confusion_matrix(preds, b.y, num_classes)
         if cells is not None:
@@ -139,12 +186,54 @@ def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)
 
 
+def _order_seed(seed: int, epoch: int) -> int:
+    # The data order is shared by every rank (they take interleaved slices of one permutation): no rank term.
+    return (seed * 2_000_003 + epoch * 7_919 + 104_729) % (2**63)
+
+
+def epoch_rows(parts: Iterable[dict[str, torch.Tensor]], seed: int, epoch: int, rank: int,
+               world: int) -> dict[str, torch.Tensor]:
+    """This worker's rows of the train split for one epoch, in training order.
+
+    ``parts`` is the whole split in any chunking and any order (Ray Data hands out blocks as they come). Rows are
+    put in a canonical order by their stable ``index`` id, permuted by a generator seeded with (seed, epoch), cut
+    to a multiple of ``world`` and dealt round-robin: rank r takes positions r, r+world, ... So global step s
+    trains on permutation positions [s*B*world, (s+1)*B*world) whatever the worker count, each rank takes the same
+    number of steps (DDP needs that), and a restarted epoch sees exactly the rows, order and split it saw before.
+    """
+    parts = [p for p in parts if len(p["index"])]
+    if not parts:
+        return {}
+    rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    canonical = torch.argsort(rows["index"])  # [N] ids are unique per split
+    g = torch.Generator().manual_seed(_order_seed(seed, epoch))
+    perm = canonical[torch.randperm(len(canonical), generator=g)]  # [N]
+    mine = perm[rank:(len(perm) // world) * world:world]  # [N // world]
+    return {k: v[mine] for k, v in rows.items()}
+
+
+def _status_writer(folder: str | None, rank: int) -> Callable[[int, int], None]:
+    """Progress as <folder>/rank<r>.json {pid, rank, epoch, step}: lets an operator (or a fault-injection test)
+    find which process runs which rank and where it is. Off unless the driver had RWRAY_WORKER_STATUS_DIR set."""
+    if not folder:
+        return lambda epoch, step: None
+    path = Path(folder) / f"rank{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(epoch: int, step: int) -> None:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "rank": rank, "epoch": epoch, "step": step}))
+        os.replace(tmp, path)
+
+    return write
+
+
 def train_loop_per_worker(job: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
     from rwray.data import Manifest
-    from rwray.tracking import RunLogger
+    from rwray.tracking import BufferedRunLogger
     from rwray.train.launch import quiet_data
 
     quiet_data()
@@ -164,8 +253,11 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     sched = build_scheduler(cfg.schedule, opt, cfg.train.epochs)
 
     start_epoch, best = 0, {"score": float("-inf"), "epoch": -1, "cms": {}}
-    # Ray's own checkpoint (a restarted worker group) wins; otherwise the user's resume= (Train V2 leaves that to us).
-    restored = ray.train.get_checkpoint() or (ray.train.Checkpoint.from_directory(str(cfg.resume)) if cfg.resume else None)
+    history: dict[int, dict[str, Any]] = {}  # epoch -> {"ts": ms, "metrics": {...}}: what this run logged
+    # Ray's own checkpoint (a restarted worker group, or a restarted driver reusing the run's Ray folder) wins;
+    # otherwise the user's resume= (Train V2 leaves that to us), which starts a new MLflow run.
+    same_run = ray.train.get_checkpoint()
+    restored = same_run or (ray.train.Checkpoint.from_directory(str(cfg.resume)) if cfg.resume else None)
     if restored is not None:
         with restored.as_directory() as d:
             state = checkpoint.load(d)
@@ -174,17 +266,30 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
         sched.load_state_dict(state["scheduler"])
         method.load_state_dict(state["method"])
         start_epoch, best = state["epoch"] + 1, state["best"]
+        if same_run is not None:
+            history = {int(e): h for e, h in state.get("history", {}).items()}
 
-    log = RunLogger(job["tracking_uri"], job["run_id"]) if rank == 0 else None
+    log = BufferedRunLogger(job["tracking_uri"], job["run_id"], job["spool_dir"]) if rank == 0 else None
+    if log is not None:
+        # A worker that died between reporting a checkpoint and sending its metrics left a gap: fill it from the
+        # checkpoint (same timestamps, so a copy that did arrive is not duplicated). Logged epochs are skipped.
+        for e in sorted(history):
+            log.log_epoch(e, history[e]["metrics"], history[e]["ts"])
+    status = _status_writer(job.get("status_dir"), rank)
     num_bias = info.num_classes if "bias" in info.extra_columns else None  # bias values index the classes' colours
     classes = manifest.classes
     gen = torch.Generator(device=device)
 
     def train_batches(epoch: int) -> Iterator[Batch]:
         gen.manual_seed(_epoch_seed(cfg.train.seed, rank, epoch))
-        shard = ray.train.get_dataset_shard("train")
-        for rows in shard.iter_torch_batches(batch_size=cfg.data.batch_size, prefetch_batches=2):
-            yield images(rows, cfg.data.augment, cfg.data.crop_padding, gen)
+        # Every worker streams the whole (materialized) train split and keeps its slice of the epoch's permutation:
+        # Ray's dynamic split would hand rows to whichever worker asks first, so neither the order nor the split
+        # would be reproducible after a restart.
+        parts = ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=4096, prefetch_batches=2)
+        rows = epoch_rows(parts, cfg.train.seed, epoch, rank, world)
+        n, bs = len(rows.get("index", ())), cfg.data.batch_size
+        for i in range(0, n, bs):
+            yield images({k: v[i:i + bs] for k, v in rows.items()}, cfg.data.augment, cfg.data.crop_padding, gen)
 
     def eval_batches(split: str) -> Iterator[Batch]:
         # Eval splits are not split by Ray (its equal split drops rows): every worker reads the split and keeps
@@ -197,7 +302,9 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         torch.manual_seed(_epoch_seed(cfg.train.seed, rank, epoch))
         method.begin_epoch(epoch)
-        metrics = train_epoch(model, method, opt, train_batches(epoch), epoch, cfg.train.grad_accum, cfg.train.amp)
+        status(epoch, -1)
+        metrics = train_epoch(model, method, opt, train_batches(epoch), epoch, cfg.train.grad_accum, cfg.train.amp,
+                              on_step=lambda step, e=epoch: status(e, step))
         metrics["train/lr"] = opt.param_groups[0]["lr"]
         sched.step()
         metrics.update(method.end_epoch(epoch))
@@ -222,21 +329,26 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
             if split != "val":
                 metrics.update({f"best/{split}/{k}": v for k, v in summarize(cm, info.class_counts).items()})
 
+        history[epoch] = {"ts": int(time.time() * 1000), "metrics": dict(metrics)}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
                 state = {"model": checkpoint.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "method": method.state_dict(), "epoch": epoch, "best": best}
+                         "scheduler": sched.state_dict(), "method": method.state_dict(), "epoch": epoch, "best": best,
+                         "history": history}
                 checkpoint.save(tmp, state, cfg.to_yaml())
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-                log.metrics(metrics, step=epoch)
+            ray.train.report(metrics, checkpoint=ckpt)
+            if rank == 0:
+                # Only now: a restart resumes after this epoch, so it will not run (and log) it again.
+                log.log_epoch(epoch, metrics, history[epoch]["ts"])
                 if improved:
                     log.artifact(Path(tmp) / checkpoint.STATE, "checkpoints/best")
                 print(progress_line(epoch, cfg.train.epochs, metrics, cfg.train.select_metric), flush=True)
-            ray.train.report(metrics, checkpoint=ckpt)
 
     if rank == 0:
         _log_final_artifacts(log, model, method, manifest, best, classes, info)
+        log.close(job.get("flush_timeout_s", 300.0))
 
 
 def progress_line(epoch: int, epochs: int, m: dict[str, float], select: str) -> str:

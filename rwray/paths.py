@@ -1,0 +1,68 @@
+"""Paths named in a job stay inside the roots they belong to.
+
+A job names two roots: ``data.dir`` (shards, read) and ``output_dir`` (checkpoints, the local MLflow store, written).
+Everything rwray reads or writes on the job's behalf resolves (symlinks followed, ``..`` collapsed) to a place
+inside one of them: ``resume=`` inside output_dir, every shard file the manifest lists inside data.dir, the run
+name a single path component under output_dir/ray. A root itself may be a symlink (``data.dir: /data`` ->
+``/mnt/big``): the check is made against the resolved root, so only what escapes it is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from rwray.config import ConfigError
+from rwray.data import DataError
+
+
+class PathError(ConfigError):
+    """A path in the job points outside the root it must stay in (a ConfigError: exit code 2 on the CLI)."""
+
+    def __init__(self, problem: str):
+        super().__init__([problem], "paths")
+
+
+def inside(root: str | Path, path: str | Path) -> bool:
+    """True when ``path`` resolves (following every symlink) to ``root`` or below it."""
+    r = Path(root).expanduser().resolve()
+    p = Path(path).expanduser().resolve()
+    return p == r or r in p.parents
+
+
+def require_inside(root: str | Path, path: str | Path, field: str, fix: str) -> Path:
+    """The resolved ``path``; raises PathError naming ``field`` when it leaves ``root``."""
+    p = Path(path).expanduser().resolve()
+    if not inside(root, p):
+        shown = Path(path).expanduser()
+        via = f" (it resolves to {p})" if p != shown.absolute() else ""
+        raise PathError(f"{field}={shown} is outside {Path(root).expanduser().resolve()}{via}. {fix}")
+    return p
+
+
+def safe_component(name: str, field: str) -> str:
+    """``name`` as one directory name: it becomes output_dir/ray/<name>-<id>, so it may not walk out of it."""
+    bad = [c for c in ("/", "\\", "\0") if c in name]
+    if bad or name in ("", ".", "..") or name.startswith(".") or len(name) > 200:
+        why = (f"contains {', '.join(repr(c) for c in bad)}" if bad else
+               "is empty" if not name else "is longer than 200 characters" if len(name) > 200 else
+               "starts with '.'")
+        raise PathError(f"{field}={name!r} {why}: it names a folder under output_dir/ray, so it must be one plain "
+                        f"folder name. Fix: use letters, digits, '-', '_' or spaces, e.g. {field}=my-run")
+    return name
+
+
+def check_shard_files(data_dir: str | Path, files: Iterable[str]) -> None:
+    """Every file a manifest lists must resolve inside the shard directory (no ``../`` entries, no symlink that
+    leads elsewhere): a manifest or a link planted in a shared folder must not make a job read arbitrary files."""
+    root = Path(data_dir).expanduser().resolve()
+    escaped = []
+    for name in files:
+        path = root / name
+        if not inside(root, path):
+            link = f" (a symlink to {path.resolve()})" if path.is_symlink() else f" (resolves to {path.resolve()})"
+            escaped.append(f"{name}{link}")
+    if escaped:
+        raise DataError(f"shard directory {root} lists files outside itself: {', '.join(escaped)}. Shards are read "
+                        f"only from inside data.dir. Fix: copy the real files into {root} (replacing the links), or "
+                        f"re-create it with `rwray data prepare <source> --out {root} --overwrite`")
