@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run_all.py              # all
     .venv/bin/python bench/run_all.py backbone     # only bench/bench_backbone.py, then reassemble
+    .venv/bin/python bench/run_all.py --assemble   # only reassemble docs/benchmarks.md from the sections
 
 Each bench/bench_<topic>.py measures its pairs side by side in one run and writes docs/benchmarks-<topic>.md.
 """
@@ -18,7 +19,9 @@ DOCS = ROOT / "docs"
 
 def main(selected: list[str]) -> int:
     scripts = sorted((ROOT / "bench").glob("bench_*.py"))
-    if selected:
+    if selected == ["--assemble"]:
+        scripts = []
+    elif selected:
         scripts = [s for s in scripts if s.stem.removeprefix("bench_") in selected]
     for s in scripts:
         print(f"== {s.name}", flush=True)
