@@ -92,6 +92,43 @@ def fmt_ms(xs: list[float]) -> str:
 # ---------------------------------------------------------------------------------------------------------- running
 
 
+def snapshot_code(out: Path) -> dict:
+    """Freeze the rwray package for the whole benchmark and import it from the copy, in the driver and in every Ray
+    worker (PYTHONPATH is inherited by the raylet and its workers).
+
+    Why: Ray Train workers are fresh processes that import rwray when they start, so on a shared working tree an
+    edit made by someone else mid-benchmark would silently mix code versions between runs (and between this driver
+    and its workers: a first attempt lost 9 of 32 runs to exactly that). Must run before anything imports rwray.
+    """
+    import hashlib
+    import shutil
+    import subprocess
+
+    src = ROOT / "rwray"
+    files = sorted(p for p in src.rglob("*.py") if "__pycache__" not in p.parts)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(src)).encode() + b"\0" + f.read_bytes())
+    digest = h.hexdigest()[:12]
+    dest = out.resolve() / "code" / digest
+    if not (dest / "rwray").is_dir():
+        shutil.copytree(src, dest / "rwray", ignore=shutil.ignore_patterns("__pycache__"))
+    sys.path.insert(0, str(dest))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(dest), *filter(None, [os.environ.get("PYTHONPATH")])])
+    # Ray puts the driver's working directory first on its workers' sys.path, and the repo root holds rwray/: run
+    # from the snapshot so that entry is the copy too (every path this script uses is absolute).
+    os.chdir(dest)
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return "unknown"
+
+    return {"code_sha256_12": digest, "code_snapshot": str(dest), "git_head": git("rev-parse", "--short", "HEAD"),
+            "git_dirty_rwray": git("status", "--short", "--", "rwray").splitlines()}
+
+
 def load_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"runs": {}, "lambda": {}, "meta": {}}
 
@@ -112,6 +149,7 @@ def execute(cfg, key: str, res: dict, path: Path, progress: dict) -> dict | None
         r = run(cfg)
         m = r.metrics
         rec = {"run_id": r.run_id, "seconds": time.perf_counter() - t0, "best_epoch": int(m["best/epoch"]),
+               "code": res["meta"].get("code_sha256_12"), "val_tail_mean": val_tail_mean(r.tracking_uri, r.run_id),
                "val_balanced_acc": m["best/val/balanced_acc"],
                **{f"test_{k}": m.get(f"best/test/{k}") for k in ("balanced_acc", "few_acc", "medium_acc", "many_acc", "top1")}}
     except Exception as e:  # one failed cell must not lose the other 30: record it, go on, show it in the table
@@ -134,6 +172,15 @@ def execute(cfg, key: str, res: dict, path: Path, progress: dict) -> dict | None
     return rec
 
 
+def val_tail_mean(uri: str, run_id: str, last: int = 5) -> float | None:
+    """Mean validation balanced accuracy over the last `last` epochs: a steadier validation score, used only to break
+    ties in the λ choice (with 15 images per class, best-epoch validation scores tie often)."""
+    from mlflow.tracking import MlflowClient
+
+    hist = sorted(MlflowClient(uri).get_metric_history(run_id, "val/balanced_acc"), key=lambda m: m.step)
+    return statistics.fmean(m.value for m in hist[-last:]) if hist else None
+
+
 def run_all(args: argparse.Namespace, res: dict, path: Path) -> None:
     import ray
 
@@ -145,6 +192,14 @@ def run_all(args: argparse.Namespace, res: dict, path: Path) -> None:
     # log_to_driver=False: the workers' per-epoch lines stay in Ray's session logs and MLflow, not in this log.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     quiet_data()
+    import rwray
+
+    worker_path = ray.get(ray.remote(lambda: __import__("rwray").__file__).remote())
+    res["meta"]["rwray_driver"], res["meta"]["rwray_worker"] = rwray.__file__, worker_path
+    print(f"rwray imported from {Path(rwray.__file__).parent} (driver) and {Path(worker_path).parent} (Ray worker)",
+          flush=True)
+    if Path(worker_path).resolve() != Path(rwray.__file__).resolve():
+        sys.exit("Ray workers import a different rwray than the driver: refusing to mix code versions")
     # One line per run from us, not one per dataset execution (set after ray.data has configured its logging).
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     print(f"ray started in {time.perf_counter() - t_start:.1f} s", flush=True)
@@ -165,19 +220,22 @@ def run_all(args: argparse.Namespace, res: dict, path: Path) -> None:
 
     # Phase 1: λ for ABSGD, per imbalance factor, on seed 0, chosen on validation.
     for f in args.factors:
-        scores = {}
+        scores, tails = {}, {}
         for lam in grid:
             rec = execute(build_config(TUNED, f, 0, args, lam), run_key(TUNED, f, 0, lam), res, path, progress)
             if rec and "error" not in rec:
-                scores[lam] = rec["val_balanced_acc"]
+                scores[lam], tails[lam] = rec["val_balanced_acc"], rec.get("val_tail_mean") or 0.0
         if not scores:
             print(f"IF {f}: every ABSGD tuning run failed; ABSGD rows stay empty", flush=True)
             continue
-        best = max(grid, key=lambda l: scores.get(l, -1.0))  # max keeps the first of equal scores: grid order
-        res["lambda"][str(f)] = {"chosen": best, "val_balanced_acc": {f"{l:g}": scores.get(l) for l in grid}}
+        # Validation only: the best selected-epoch val balanced accuracy; ties broken by the mean val balanced
+        # accuracy of the last 5 epochs, then by grid order (max keeps the first of equal keys).
+        best = max(scores, key=lambda l: (round(scores[l], 6), round(tails[l], 6)))
+        res["lambda"][str(f)] = {"chosen": best, "val_balanced_acc": {f"{l:g}": scores.get(l) for l in grid},
+                                 "val_tail_mean": {f"{l:g}": tails.get(l) for l in grid}}
         save_results(path, res)
-        print(f"IF {f}: ABSGD lambda {best:g} chosen on val ({', '.join(f'{l:g}: {100 * s:.1f}' for l, s in scores.items())})",
-              flush=True)
+        print(f"IF {f}: ABSGD lambda {best:g} chosen on val (best-epoch val bal / last-5 mean: "
+              + ", ".join(f"{l:g}: {100 * scores[l]:.1f} / {100 * tails[l]:.1f}" for l in scores) + ")", flush=True)
 
     # Phase 2: every method x seed, seed-major so machine-load drift is spread over the methods.
     for seed in range(args.seeds):
@@ -249,6 +307,12 @@ def section(res: dict, args: argparse.Namespace) -> str:
         "- ABSGD + Balanced Softmax: ABSGD weights computed on the Balanced Softmax loss, with the λ chosen for "
         "ABSGD + CE (not tuned separately).",
         "",
+        f"**Code.** Every run imported one frozen copy of `rwray` (source hash "
+        f"{', '.join(sorted({r.get('code') or '?' for r in res['runs'].values()}))}; git HEAD "
+        f"{meta.get('git_head', '?')} plus {len(meta.get('git_dirty_rwray', []))} uncommitted rwray file(s) of the "
+        "shared working tree at the start), in the driver and in the Ray workers, so edits made to the tree during "
+        "the benchmark could not mix versions.",
+        "",
     ]
     lam_rows = ["| IF | " + " | ".join(f"λ = {l:g}" for l in args.lambdas) + " | chosen |",
                 "|---|" + "---:|" * len(args.lambdas) + "---:|"]
@@ -257,10 +321,15 @@ def section(res: dict, args: argparse.Namespace) -> str:
         if not info:
             lam_rows.append(f"| {f} | " + " | ".join("—" for _ in args.lambdas) + " | — |")
             continue
-        vals = info["val_balanced_acc"]
-        lam_rows.append(f"| {f} | " + " | ".join("—" if vals.get(f"{l:g}") is None else f"{100 * vals[f'{l:g}']:.1f}"
-                                                 for l in args.lambdas) + f" | {info['chosen']:g} |")
-    lines += ["ABSGD λ selection (seed 0, best validation balanced accuracy, %):", "", *lam_rows, ""]
+        vals, tails = info["val_balanced_acc"], info.get("val_tail_mean", {})
+
+        def cell(l: float) -> str:
+            v, t = vals.get(f"{l:g}"), tails.get(f"{l:g}")
+            return "—" if v is None else f"{100 * v:.1f}" + ("" if t is None else f" / {100 * t:.1f}")
+
+        lam_rows.append(f"| {f} | " + " | ".join(cell(l) for l in args.lambdas) + f" | {info['chosen']:g} |")
+    lines += ["ABSGD λ selection (seed 0; validation balanced accuracy at the selected epoch / mean over the last 5 "
+              "epochs, %; the second number only breaks ties of the first, then grid order):", "", *lam_rows, ""]
 
     head = "| method | " + " | ".join(f"IF {f} balanced acc | IF {f} few-shot acc" for f in factors) + " |"
     lines += [f"**Test accuracy (%) at the validation-selected epoch, mean ± std over {seeds} seeds:**", "", head,
@@ -370,6 +439,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="only rewrite the docs section from results.json")
     ap.add_argument("--dry-run", action="store_true", help="build and validate every config, run nothing")
     args = ap.parse_args()
+    args.out, args.doc = args.out.resolve(), args.doc.resolve()  # before snapshot_code changes the working directory
 
     path = args.out / "longtail" / "results.json"
     if args.dry_run:
@@ -382,8 +452,11 @@ def main() -> None:
     if not args.report_only:
         path.parent.mkdir(parents=True, exist_ok=True)
         res = load_results(path) if args.resume else {"runs": {}, "lambda": {}, "meta": {}}
-        if not args.resume:
-            save_results(path, res)
+        res["meta"].update(snapshot_code(args.out))
+        print(f"code snapshot {res['meta']['code_sha256_12']} (git HEAD {res['meta']['git_head']}, "
+              f"{len(res['meta']['git_dirty_rwray'])} locally modified rwray file(s)) in {res['meta']['code_snapshot']}",
+              flush=True)
+        save_results(path, res)
         run_all(args, res, path)
     res = load_results(path)
     if not res["runs"]:

@@ -173,21 +173,40 @@ def report_cmd(table: Path = typer.Argument(..., help="table YAML"),
         sys.stdout.write(report(table, out, run_id))
 
 
+QUICKSTART = ("quickstart.yaml", "quickstart_balanced_softmax.yaml")  # ERM, then one reweighting method on the same data
+
+
 @app.command()
 def quickstart(epochs: Optional[int] = typer.Option(None, help="override train.epochs"),
                workers: int = typer.Option(2, help="Ray Train workers")) -> None:
-    """Long-tailed digits on 2 local CPU workers, recorded in a local MLflow store."""
+    """Long-tailed digits on 2 local CPU workers: ERM, then a reweighting method, side by side (local MLflow)."""
     from rwray import config as C
     from rwray.train.launch import run
 
     with friendly_errors():
         overrides = [f"scaling.num_workers={workers}"] + ([f"train.epochs={epochs}"] if epochs else [])
-        cfg = C.load(JOBS / "quickstart.yaml", overrides)
-        result = run(cfg)
-        _summary(cfg.name, result)
-        db = result.tracking_uri
+        configs = [C.load(JOBS / name, overrides) for name in QUICKSTART]  # validate both before running either
+        results = []
+        for cfg in configs:
+            console.print(f"\n[bold]{cfg.name}[/]: {cfg.method.name} with {cfg.method.loss.name} loss", highlight=False)
+            results.append((cfg, run(cfg)))
+        _comparison(results)
+        db = results[-1][1].tracking_uri
         console.print(f"\nOpen the MLflow UI:  mlflow ui --backend-store-uri {db} --host 127.0.0.1 --port 5000"
-                      f"\n                    then browse http://127.0.0.1:5000 (run {result.run_id[:8]})")
+                      f"\n                    then browse http://127.0.0.1:5000 (experiment "
+                      f"{configs[0].tracking.experiment!r})")
+
+
+def _comparison(results) -> None:
+    t = Table(title="long-tailed digits, test split at the epoch chosen on validation (%)")
+    for col in ("job", "method", "top1", "balanced", "many", "medium", "few"):
+        t.add_column(col, justify="right")
+    for cfg, r in results:
+        m = r.metrics
+        t.add_row(cfg.name, f"{cfg.method.name}/{cfg.method.loss.name}",
+                  *(f"{100 * m[f'best/test/{k}']:.1f}" if f"best/test/{k}" in m else "-"
+                    for k in ("top1", "balanced_acc", "many_acc", "medium_acc", "few_acc")))
+    Console().print(t)
 
 
 @app.command("validate")
