@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,8 @@ def finish(uri: str, run_id: str, error: BaseException | None, status: str | Non
     """
     if status is None:
         status = "KILLED" if isinstance(error, INTERRUPTIONS) else "FAILED" if error is not None else "FINISHED"
+    if status == "KILLED":
+        timeout_s = min(timeout_s, 10.0)  # someone is waiting for Ctrl-C / SIGTERM to take effect
     deadline = time.monotonic() + timeout_s
     left = 0
     if spool_dir is not None and status != "KILLED":  # an interrupted driver exits now; the next start replays
@@ -288,7 +291,8 @@ def start_or_resume(cfg: Config, uri: str, manifest_sha256: str, extra_tags: Map
                     c.set_tag(old.info.run_id, f"rwray.interrupted.{n}", t["rwray.error"])
                     c.delete_tag(old.info.run_id, "rwray.error")
                 return RunHandle(old.info.run_id, t["rwray.ray_run"], True, ckpt)
-            if note and old.info.status == "RUNNING":  # nobody holds its lock, so nobody runs it: close it
+            if note and old.info.status == "RUNNING" and not cfg.remote_output:
+                # RunLock is held by us, so no driver runs it (a remote output_dir has no lock: leave it alone)
                 c.set_tag(old.info.run_id, "rwray.error", f"abandoned: a new run of the same name started ({note})")
                 c.set_terminated(old.info.run_id, status="KILLED")
     tags.update({"rwray.run_key": key, "rwray.config_sha256": fp})
@@ -356,7 +360,13 @@ class BufferedRunLogger:
     def __init__(self, uri: str, run_id: str, spool_dir: str | Path, max_backoff_s: float = 30.0,
                  verbose: bool = True):
         self.uri, self.run_id, self.spool = uri, run_id, Path(spool_dir)
-        self.spool.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):  # another run's logger may remove the shared parent as it empties (close)
+            try:
+                self.spool.mkdir(parents=True, exist_ok=True)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         self.max_backoff_s, self.verbose = max_backoff_s, verbose
         self._cv = threading.Condition()
         self._pending: list[Path] = sorted(self.spool.glob("*.json"))  # a dead predecessor's items go first
@@ -408,6 +418,8 @@ class BufferedRunLogger:
         left = self.pending()
         if left == 0:
             shutil.rmtree(self.spool, ignore_errors=True)  # an empty spool leaves nothing behind
+            with contextlib.suppress(OSError):
+                self.spool.parent.rmdir()  # tracking-spool/ itself, when no other run has items waiting
         elif self.verbose:
             print(f"tracking: {left} item(s) for run {self.run_id} could not be sent to {self.uri} within "
                   f"{timeout_s:.0f} s; kept in {self.spool} and sent when this run is next started or finished",
@@ -441,7 +453,7 @@ class BufferedRunLogger:
 
     def _run(self) -> None:
         delay = 0.5
-        with quick_http():  # this thread has its own retry schedule
+        with quick_http(timeout_s=120):  # this thread retries on its own schedule; uploads may be slow
             c = client(self.uri)
             while True:
                 with self._cv:
@@ -528,5 +540,7 @@ def replay(uri: str, run_id: str, spool: str | Path, timeout_s: float = 120.0) -
         return 0
     if not any(spool.glob("*.json")):
         shutil.rmtree(spool, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            spool.parent.rmdir()
         return 0
     return BufferedRunLogger(uri, run_id, spool, max_backoff_s=10.0, verbose=False).close(timeout_s)

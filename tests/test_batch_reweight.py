@@ -1,6 +1,7 @@
 """Batch reweighting as a method: a 4-sample case worked out by hand, the weight options, the score table and its
-files, state round-trip, training steps through the registry (GroupNorm and BatchNorm ResNet-32), and the
-epoch-end gather over two gloo workers (torch.multiprocessing, no Ray)."""
+files, state round-trip, training steps through the registry (GroupNorm and BatchNorm ResNet-32), gradient reuse
+(same training gradient, refused where samples are coupled, bf16 autocast), and two gloo workers
+(torch.multiprocessing, no Ray): the epoch-end gather and gradient reuse under DDP."""
 
 from __future__ import annotations
 
@@ -292,6 +293,27 @@ def test_grad_reuse_is_refused_when_the_check_against_autograd_fails():
     for a, b in zip(on, off):
         for ga, gb in zip(a, b):
             torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-14)
+
+
+def test_grad_reuse_under_bf16_autocast():
+    # Autocast makes autograd's own weight gradients bf16 (~1 % off); the records' are float32 from bf16 output
+    # gradients. The check uses a bf16-sized tolerance there, and the two training gradients agree to it.
+    info, model, x, y = resnet_case("group", seed=6)
+    grads = {}
+    for reuse in (True, False):
+        m = copy.deepcopy(model)
+        method = build(m, info, gamma=0.3, grad_reuse=reuse)
+        grads[reuse] = []
+        for s in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits, feats = m(x, return_features=True)
+            out = method.step(StepInputs(m, x, y, torch.arange(6), logits, feats, 0, s))
+            weighted_loss(out).backward()
+            grads[reuse].append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+            m.zero_grad()
+        assert method.reuse_ok is (True if reuse else None)
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=0, atol=0)  # step 0: the ordinary graph
+    assert (grads[True][1] - grads[False][1]).norm() < 0.03 * grads[False][1].norm()
 
 
 def test_grad_reuse_only_for_all_parameters():

@@ -231,6 +231,31 @@ def test_grouped_conv_shared_module_and_cosine_head(strategy):
     assert_gram_close(*both(model, x, y, strategy=strategy))
 
 
+def test_layer_grads_rebuild_any_weighted_gradient():
+    # Grouped/strided/dilated conv with bias, GroupNorm, a Linear called twice, the cosine head (generic fallback):
+    # sum_i c_i g_i from the records equals autograd's gradient of sum_i c_i l_i, and the surrogate hands exactly
+    # that to .grad through an ordinary backward (the forward graph already freed).
+    torch.manual_seed(16)
+    model = Mixed().double()
+    x, y = data(5, (4, 7, 7), 3, seed=17)
+    c = torch.tensor([0.3, -1.2, 2.0, 0.7, 1.1], dtype=torch.float64)
+    want = torch.autograd.grad((c * ce(model(x), y)).sum(), list(model.parameters()))
+    cap = gm.GramCapture(model)
+    losses = ce(model(x), y)
+    G, kept = cap.gram_and_grads(losses, retain_graph=False)
+    cap.clear()
+    assert kept.complete
+    torch.testing.assert_close(G, gm.gram(model, x, y, ce), rtol=1e-12, atol=1e-12)
+    got = kept.weighted(c)
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(got[id(p)], w, rtol=1e-10, atol=1e-12)
+    (c * kept.surrogate(losses)).sum().backward()
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError):
+        losses.sum().backward()  # the forward graph really was freed by the Gram pass
+
+
 # ----- the capture inside a training step --------------------------------------------------------------------------
 def test_capture_keeps_the_loops_backward_exact_and_leaves_grads_alone():
     model = small_resnet("group")

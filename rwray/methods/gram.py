@@ -11,11 +11,13 @@ Two implementations of the same quantity:
 * ``impl="reference"`` (`reference_gram`): ``torch.func.vmap(grad(l_i))`` over ``functional_call`` of the whole model
   on one sample at a time; it materialises every per-sample gradient (B x d) and multiplies. Simple, slow, memory
   hungry: the yardstick the tests compare against.
-* ``impl="fast"`` (`GramCapture`): forward hooks keep each selected module's input (detached) and output; ONE backward
-  pass of sum_i l_i down to the earliest selected output (``torch.autograd.grad``, ``retain_graph=True`` so the
-  training loop's own backward still works afterwards) delivers E = d(sum_i l_i)/d(output) to a tensor hook on every
-  selected output, and each hook turns (input, E) into that layer's B x B Gram at once and lets E go. Parameter
-  gradients are never computed by this pass. Per layer, with A the layer's input rows and E its output gradients
+* ``impl="fast"`` (`GramCapture`): during the training forward, a forward hook on each parametrised module keeps
+  its input (detached: an alias of a tensor the graph saves anyway), the output's gradient edge (not the output:
+  a norm layer's output is saved by nobody else) and puts a tensor hook on the output. ONE backward pass of
+  sum_i l_i down to the earliest selected output (``torch.autograd.grad`` on its gradient edge,
+  ``retain_graph=True`` so the training loop's own backward still works afterwards) delivers
+  E = d(sum_i l_i)/d(output) to every selected module's hook, which turns (input, E) into that layer's B x B Gram
+  at once and lets E go. Parameter gradients are never computed by this pass. Per layer, with A the layer's input rows and E its output gradients
   (T positions per sample: 1 for a plain Linear, H_out*W_out for a conv):
 
       g_i(W) = sum_t e_it a_itᵀ   ->  G_ij = sum_{t,s} (a_it . a_js)(e_it . e_js)          ("pairwise": two BT x BT
@@ -51,8 +53,10 @@ something else (per-sample statistics); compare on GroupNorm or on BatchNorm in 
 `rwray.methods.batch_reweight` for when that is exact and how it is verified.
 
 Also: the reference needs a deterministic forward (dropout active raises via vmap's ``randomness="error"``); the fast
-path sees the loop's own dropout masks. SyncBatchNorm in training mode and parameters shared between two selected
-modules are not supported by the fast path (they raise).
+path sees the loop's own dropout masks. A module called several times in one forward is fine (its per-sample
+gradients are summed over the calls before the Gram); SyncBatchNorm in training mode, one parameter owned by two
+modules, modules called with several tensor inputs, and outputs modified in place after the forward are not
+supported by the fast path (they raise).
 """
 
 from __future__ import annotations
@@ -331,8 +335,8 @@ def generic_per_sample(module: nn.Module, x: torch.Tensor, e: torch.Tensor) -> t
     params = {n: p.detach() for n, p in own_params(module)}
 
     def one(xi: torch.Tensor, ei: torch.Tensor) -> dict[str, torch.Tensor]:
-        _, pull = torch.func.vjp(lambda ps: torch.func.functional_call(module, ps, (xi.unsqueeze(0),)), params)
-        return pull(ei.unsqueeze(0).to(xi.dtype))[0]
+        out, pull = torch.func.vjp(lambda ps: torch.func.functional_call(module, ps, (xi.unsqueeze(0),)), params)
+        return pull(ei.unsqueeze(0).to(out.dtype))[0]  # (AMP: e may be bf16 while this recompute is not)
 
     g = torch.func.vmap(one)(x, e)  # {name: [B, *shape]}
     return torch.cat([g[n].reshape(x.shape[0], -1).to(_work_dtype(x)) for n in names], 1)
@@ -489,9 +493,9 @@ class GramCapture:
             fired.add(i)
             nonlocal G
             c = calls[i]
-            m = kept.add(c.module, c.x, e) if keep else None  # [B, 2C] for norm layers, else None
+            m = kept.add(c.module, c.x, e) if keep else None  # [B, d_module] when kept as per-sample gradients
             if keep and not retain_graph and m is not None:
-                c.x = None  # a norm layer's input is not needed any more: let the engine free it
+                c.x = None  # this input is not needed any more: let the engine free it
             if chosen is not None and c.name not in chosen:
                 return
             if c.name not in pending:
@@ -537,8 +541,10 @@ class GramCapture:
 
 
 class LayerGrads:
-    """Per recorded module call, what rebuilds sum_i c_i g_i for any coefficients c [B] without the forward graph:
-    (input, output gradient) for Linear / Conv2d / other modules, the [B, 2C] per-sample gradients for norm layers.
+    """Per recorded module call, what rebuilds sum_i c_i g_i for any coefficients c [B] without the forward graph,
+    whichever is smaller per sample: the module's per-sample gradients [B, d_module] (then sum_i c_i g_i = c @ M:
+    norm layers, and convs with many positions and few weights, e.g. ResNet-32's first two stages), or its input
+    and output gradient (then one weighted weight-gradient later: Linear, convs with many weights per position).
 
     Exact when each sample's loss depends on the other samples only through the parameters (no BatchNorm with
     batch statistics, no other batch-mixing op): then d(sum_j c_j l_j)/d(out_i) = c_i e_i at every layer. The method
@@ -551,9 +557,11 @@ class LayerGrads:
         self.complete = True  # the single partial backward reached every recorded output
 
     def add(self, module: nn.Module, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor | None:
-        """Keep one module call; returns the per-sample gradients when they were computed (norm layers)."""
-        if isinstance(module, _NORMS):
-            per_sample = norm_per_sample(module, x, e)  # [B, 2C]: tiny, kept instead of x and e
+        """Keep one module call. Returns its per-sample gradients [B, d_module] when it keeps those (the caller's
+        Gram can use them), else None."""
+        d_module = sum(p.numel() for _, p in own_params(module))
+        if d_module <= x[0].numel() + e[0].numel():
+            per_sample = module_per_sample(module, x, e)  # [B, d_module], own parameters in registration order
             self.entries.append((module, None, None, per_sample))
             return per_sample
         self.entries.append((module, x, e, None))
@@ -575,7 +583,7 @@ class LayerGrads:
             out[id(p)] = g if id(p) not in out else out[id(p)] + g
 
         for module, x, e, per_sample in self.entries:
-            if per_sample is not None:  # norm layers: c @ [B, 2C], weight part first (see norm_per_sample)
+            if per_sample is not None:  # c @ [B, d_module], split in registration order (as *_per_sample lay out)
                 flat = c.to(per_sample.dtype) @ per_sample
                 k = 0
                 for _, p in own_params(module):
@@ -603,8 +611,8 @@ class LayerGrads:
             else:  # any other module: one batched vjp of the module alone
                 named = own_params(module)
                 ps = {n: p.detach() for n, p in named}
-                _, pull = torch.func.vjp(lambda q: torch.func.functional_call(module, q, (x,)), ps)
-                grads = pull(ec.to(e.dtype))[0]
+                y, pull = torch.func.vjp(lambda q: torch.func.functional_call(module, q, (x,)), ps)
+                grads = pull(ec.to(y.dtype))[0]
                 for n, p in named:
                     put(p, grads[n])
         return out

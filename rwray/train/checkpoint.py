@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,10 @@ def load(directory: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message lists the offending global (e.g. "Unsupported global: GLOBAL posix.system"): keep it.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(str(path), f"it holds objects other than tensors and plain containers ({first[:300]}). "
+        # torch's long message names the offending global (e.g. "Unsupported global: GLOBAL posix.system"): keep that.
+        found = re.search(r"Unsupported (global|operand)[^.\n]*", re.sub(r"\x1b\[[0-9;]*m", "", str(e)))
+        what = found.group(0).strip() if found else type(e).__name__
+        raise CheckpointError(str(path), f"it holds objects other than tensors and plain containers ({what[:300]}). "
                               "rwray never writes such files: it was not written by rwray or was altered. Fix: "
                               "resume from a checkpoint_* folder this project wrote, or start without resume=") from None
     except (RuntimeError, EOFError, OSError) as e:  # truncated / not a torch file

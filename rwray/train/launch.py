@@ -1,16 +1,26 @@
 """The driver: everything that happens before and after the workers run.
 
-Checks come first and are cheap (config, data, tracking server), so bad input fails before any compute is spent.
+Checks come first and are cheap (config, paths, tracking server, data), so bad input fails before any compute is
+spent and before anything is written.
+
+Fault tolerance (docs/reliability.md): Ray Train restarts a worker group that lost a worker up to
+``train.max_failures`` times from the last checkpoint; errors that would only recur (a non-finite loss, out of
+memory, bad data, a bug) stop the run at once instead. A driver stopped by Ctrl-C, SIGTERM or `ray job stop` marks
+its MLflow run KILLED; starting the same job again (same output_dir and run name) continues that run from its last
+checkpoint, in the same MLflow run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from rwray.config import Config
+from rwray.config import Config, ConfigError
 from rwray.data import DataError, Manifest, prepare, verify
 
 
@@ -35,12 +45,29 @@ def resolve_paths(cfg: Config) -> Config:
     return cfg
 
 
+def check_paths(cfg: Config) -> None:
+    """Refuse paths that leave their roots (rwray.paths): before resolve_paths, so messages show what the user
+    wrote. The run name becomes a folder under output_dir/ray."""
+    from rwray import paths, tracking
+
+    paths.safe_component(tracking.run_name(cfg), "tracking.run_name" if cfg.tracking.run_name else "name")
+    if cfg.resume is not None and not cfg.remote_output:
+        paths.require_inside(cfg.output_dir, cfg.resume, "resume",
+                             f"Fix: resume from a checkpoint_* folder under {cfg.storage('ray')} (copy a checkpoint "
+                             f"from elsewhere into output_dir first)")
+
+
 def ensure_data(cfg: Config) -> Manifest:
     """Build the shards from data.source on first use; verify checksums, shapes and labels either way."""
+    from rwray.paths import check_shard_files
+
     d = cfg.data.dir
     if not (d / "manifest.json").is_file() and cfg.data.source is not None:
         print(f"preparing {cfg.data.source.name} shards in {d} (first use)", flush=True)
         prepare(cfg.data.source, d, cfg.data.builder)
+    listed = Manifest.load(d)  # before verify reads a byte: every listed file must be inside d
+    check_shard_files(d, [s["file"] for split in listed.data["splits"].values()
+                          for s in (split.get("shards", []) if isinstance(split, dict) else [])])
     manifest = verify(d)
     if manifest.num_samples("val") == 0:
         raise DataError(f"{d} has no validation split, and models are selected on validation only: prepare it "
@@ -55,7 +82,7 @@ def connect_ray(cfg: Config, concurrent_runs: int = 1) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
     # Train workers hold whole CPUs for the run; Ray Data's read and shuffle tasks need slots of their own or the
     # run waits forever on a small machine. Declare more logical CPU than the workers take: two slots per
@@ -83,10 +110,77 @@ def _datasets(manifest: Manifest) -> dict[str, Any]:
     quiet_data()
     out = {}
     for split in ("train", *manifest.eval_splits):
-        ds = ray.data.read_parquet(manifest.shard_paths(split), shuffle=None).materialize()
-        # random_shuffle re-executes on every epoch's iteration: a fresh global order each epoch.
-        out[split] = ds.random_shuffle() if split == "train" else ds
+        # Materialized once (no read tasks compete with the workers for CPU). The train order is not Ray's
+        # random_shuffle (unseeded: a restart would see another order) but a (seed, epoch) permutation each worker
+        # applies to the stream (loop.epoch_rows).
+        out[split] = ray.data.read_parquet(manifest.shard_paths(split), shuffle=None).materialize()
     return out
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped from outside: SIGTERM (`kill`, `ray job stop`, a scheduler's preemption notice), Ctrl-C,
+    or its Ray Train controller killed on purpose (a Tune scheduler ending the trial, `ray.kill`). Raised so the
+    driver unwinds like on Ctrl-C: the MLflow run is marked KILLED (resumable), not FAILED."""
+
+    def __init__(self, reason: str = "stopped by SIGTERM"):
+        self.reason = reason
+        super().__init__(reason)
+
+    def __reduce__(self):
+        return type(self), (self.reason,)
+
+
+def _stopped_from_outside(err: BaseException) -> bool:
+    """Ray reports a deliberately killed actor (ray.kill, a Tune trial stopped by its scheduler) as died with exit
+    type INTENDED; a crash says SYSTEM_ERROR. Only the message carries it."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(err, RayActorError) and "exit type: INTENDED" in str(err)
+
+
+@contextlib.contextmanager
+def _signals() -> Iterator[None]:
+    """SIGTERM raises Interrupted for the duration; SIGINT is Ray's (fit aborts its controller on Ctrl-C) and is
+    restored afterwards, since Ray leaves a handler bound to a finished controller. Main thread only: under Tune a
+    trial's driver runs in a thread, and Tune handles signals itself."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+
+    old_term, old_int = signal.signal(signal.SIGTERM, on_term), signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+
+
+def fatal_types() -> tuple[type[BaseException], ...]:
+    """Errors a restart would only repeat: Ray Train's max_failures is for lost workers, not for these."""
+    from rwray.train.checkpoint import CheckpointError
+    from rwray.train.loop import BatchTooLarge, NonFiniteLoss
+
+    return (NonFiniteLoss, BatchTooLarge, CheckpointError, DataError, ConfigError,
+            TypeError, NameError, AttributeError, ImportError, AssertionError, NotImplementedError)
+
+
+def _stop_on_fatal_errors():
+    """A Ray Train callback (it runs in the controller) that turns a deterministic worker error into a controller
+    error, which Ray Train does not retry: without it, a NaN loss would be re-run max_failures times."""
+    import ray.train
+
+    class StopOnFatalErrors(ray.train.UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            fatal = fatal_types()
+            for err in worker_exceptions.values():
+                cause = root_cause(err)
+                if isinstance(cause, fatal):
+                    raise cause
+
+    return StopOnFatalErrors()
 
 
 def root_cause(err: BaseException) -> BaseException:
@@ -98,7 +192,7 @@ def root_cause(err: BaseException) -> BaseException:
         if isinstance(inner, dict) and inner:
             err = next(iter(inner.values()))
             continue
-        for attr in ("cause", "__cause__", "error"):
+        for attr in ("controller_failure", "cause", "__cause__", "error"):
             nxt = getattr(err, attr, None)
             if isinstance(nxt, BaseException):
                 err = nxt
@@ -111,7 +205,7 @@ def root_cause(err: BaseException) -> BaseException:
 def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] = (),
         tags: dict[str, str] | None = None) -> RunResult:
     """Train one job. Under `rwray tune` / `reproduce`, a trial passes its parent MLflow run, tags and Tune's
-    report callback."""
+    report callback. An unfinished run with the same output_dir, run name and configuration is continued."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -119,36 +213,68 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
     from rwray.train import checkpoint
     from rwray.train.loop import train_loop_per_worker
 
+    check_paths(cfg)
     cfg = resolve_paths(cfg)
     uri = tracking.resolve_uri(cfg)
     tracking.preflight(uri)  # before anything is written or computed
-    if cfg.resume is not None and not (cfg.resume / checkpoint.STATE).is_file():
-        raise FileNotFoundError(f"resume={cfg.resume} is not an rwray checkpoint (no {checkpoint.STATE}); use a "
-                                f"checkpoint_* folder under {cfg.storage('ray')}")
+    if cfg.resume is not None:
+        if not (cfg.resume / checkpoint.STATE).is_file():
+            raise FileNotFoundError(f"resume={cfg.resume} is not an rwray checkpoint (no {checkpoint.STATE}); use a "
+                                    f"checkpoint_* folder under {cfg.storage('ray')}")
+        try:
+            checkpoint.load(cfg.resume)  # refuse an unsafe or unreadable file here, not in every worker
+        except checkpoint.CheckpointError as e:
+            raise ConfigError([f"resume: {e}"], "resume") from None
     manifest = ensure_data(cfg)
-    run_id = tracking.start_run(cfg, uri, manifest.sha256,
-                                {**({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}), **(tags or {})})
-    error: BaseException | None = None
-    try:
-        connect_ray(cfg)
-        resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {})}
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id},
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                                   resources_per_worker=resources),
-            run_config=ray.train.RunConfig(
-                name=f"{cfg.name}-{run_id[:8]}", storage_path=cfg.storage("ray"),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                logging_config=ray.train.LoggingConfig(log_level="WARNING"), callbacks=list(callbacks)),
-            datasets=_datasets(manifest),
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        )
-        result = trainer.fit()
-        return RunResult(run_id, uri, dict(result.metrics or {}),
-                         result.checkpoint.path if result.checkpoint is not None else None)
-    except BaseException as e:
-        error = root_cause(e)
-        raise error from None
-    finally:
-        tracking.finish(uri, run_id, error)
+    max_failures = getattr(cfg.train, "max_failures", 3)
+    flush_s = float(getattr(cfg.tracking, "flush_timeout_s", 300.0))
+    run_tags = {**({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}), **(tags or {})}
+    with tracking.RunLock(cfg):
+        handle = tracking.start_or_resume(cfg, uri, manifest.sha256, run_tags,
+                                          auto_resume=getattr(cfg.train, "auto_resume", True))
+        run_id = handle.run_id
+        if handle.resumed:
+            print(f"continuing run {tracking.run_name(cfg)!r} ({run_id[:8]}) from {handle.checkpoint}", flush=True)
+        elif handle.note:
+            print(f"starting a new run {tracking.run_name(cfg)!r}: {handle.note}", flush=True)
+        spool = tracking.spool_dir(cfg, run_id)
+        if handle.resumed:  # what a previous driver's workers could not send goes first
+            tracking.replay(uri, run_id, spool, timeout_s=min(flush_s, 30.0))
+        error: BaseException | None = None
+        try:
+            with _signals():
+                connect_ray(cfg)
+                resources = {"CPU": cfg.scaling.cpus_per_worker,
+                             **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {})}
+                trainer = TorchTrainer(
+                    train_loop_per_worker,
+                    train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
+                                       "spool_dir": spool, "flush_timeout_s": flush_s,
+                                       "status_dir": os.environ.get("RWRAY_WORKER_STATUS_DIR")},
+                    scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers,
+                                                           use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources),
+                    run_config=ray.train.RunConfig(
+                        # Reusing the name and storage path is what makes Ray Train V2 restore the run's latest
+                        # checkpoint for a restarted driver (ray.train.get_checkpoint() in the loop).
+                        name=handle.ray_name, storage_path=cfg.storage("ray"),
+                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+                        callbacks=[_stop_on_fatal_errors(), *callbacks]),
+                    datasets=_datasets(manifest),
+                    # Nothing is split by Ray: train order and split are the loop's (epoch_rows), eval splits are
+                    # divided by index % world.
+                    dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+                )
+                result = trainer.fit()
+            return RunResult(run_id, uri, dict(result.metrics or {}),
+                             result.checkpoint.path if result.checkpoint is not None else None)
+        except BaseException as e:
+            error = root_cause(e)
+            if isinstance(error, SystemExit) and not isinstance(e, Interrupted):
+                error = Interrupted("stopped by SIGINT")  # Ray's Ctrl-C handler aborts the run via sys.exit(0)
+            elif _stopped_from_outside(error):
+                error = Interrupted(f"the Ray Train controller was stopped from outside ({str(error)[:200]})")
+            raise error from None
+        finally:
+            tracking.finish(uri, run_id, error, spool_dir=spool, timeout_s=flush_s)

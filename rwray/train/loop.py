@@ -212,9 +212,10 @@ def epoch_rows(parts: Iterable[dict[str, torch.Tensor]], seed: int, epoch: int, 
     return {k: v[mine] for k, v in rows.items()}
 
 
-def _status_writer(folder: str | None, rank: int) -> Callable[[int, int], None]:
-    """Progress as <folder>/rank<r>.json {pid, rank, epoch, step}: lets an operator (or a fault-injection test)
-    find which process runs which rank and where it is. Off unless the driver had RWRAY_WORKER_STATUS_DIR set."""
+def _status_writer(folder: str | None, rank: int, start_epoch: int) -> Callable[[int, int], None]:
+    """Progress as <folder>/rank<r>.json {pid, rank, start_epoch, epoch, step}: lets an operator (or a
+    fault-injection test) find which process runs which rank, where it resumed and where it is. Off unless the
+    driver had RWRAY_WORKER_STATUS_DIR set."""
     if not folder:
         return lambda epoch, step: None
     path = Path(folder) / f"rank{rank}.json"
@@ -222,7 +223,8 @@ def _status_writer(folder: str | None, rank: int) -> Callable[[int, int], None]:
 
     def write(epoch: int, step: int) -> None:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "rank": rank, "epoch": epoch, "step": step}))
+        tmp.write_text(json.dumps({"pid": os.getpid(), "rank": rank, "start_epoch": start_epoch, "epoch": epoch,
+                                   "step": step}))
         os.replace(tmp, path)
 
     return write
@@ -275,7 +277,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
         # checkpoint (same timestamps, so a copy that did arrive is not duplicated). Logged epochs are skipped.
         for e in sorted(history):
             log.log_epoch(e, history[e]["metrics"], history[e]["ts"])
-    status = _status_writer(job.get("status_dir"), rank)
+    status = _status_writer(job.get("status_dir"), rank, start_epoch)
     num_bias = info.num_classes if "bias" in info.extra_columns else None  # bias values index the classes' colours
     classes = manifest.classes
     gen = torch.Generator(device=device)
