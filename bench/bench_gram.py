@@ -343,8 +343,9 @@ a backward, Bw = weight-gradient half, all of a similar size for these convs on 
 - The vmap reference is not a slow strawman on CPU: PyTorch's batching rule for the conv weight gradient is the
   same grouped convolution the fast path uses, and it does the same B^2 d products. Its extra cost is one vmapped
   forward (plus its graph), and its memory is B x d at once. So the fast path wins clearly *in-step* (it reuses
-  the loop's forward) and in memory, but *standalone* (both paying a forward) the two differ by little more than
-  bookkeeping: that row misses the 1.5x goal for that structural reason.
+  the loop's forward) and in memory, but *standalone* (both paying a forward) they differ by little: about 1.1-1.2x
+  in CPU time, so that wall-clock row lands on either side of the 1.5x goal depending on load (a quiet run, load
+  average ~1, measured 1.10x).
 - The *standalone* memory row counts the fast path's own forward graph (about ERM's forward, which any backward
   needs); the in-step rows and the whole-step table isolate what the Gram itself costs."""
 
