@@ -185,6 +185,10 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)  # bf16/fp16 activations (AMP) are multiplied in float32
 
 
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)  # no copy of a lone [B, d] block
+
+
 def outer_gram(A: torch.Tensor, E: torch.Tensor, strategy: Strategy = "auto") -> torch.Tensor:
     """Gram of per-sample gradients g_i = sum_t e_it a_itᵀ. A [B, T, p], E [B, T, q] -> [B, B].
 
@@ -216,7 +220,7 @@ def linear_per_sample(module: nn.Linear, x: torch.Tensor, e: torch.Tensor) -> to
         parts.append(torch.matmul(E.transpose(1, 2), A).reshape(B, -1))  # [B, out*in]
     if module.bias is not None and module.bias.requires_grad:
         parts.append(E.sum(1))  # [B, out]
-    return torch.cat(parts, 1)
+    return _cat(parts)
 
 
 def linear_gram(module: nn.Linear, x: torch.Tensor, e: torch.Tensor, strategy: Strategy = "auto") -> torch.Tensor:
@@ -270,7 +274,7 @@ def conv2d_per_sample(module: nn.Conv2d, x: torch.Tensor, e: torch.Tensor) -> to
         parts.append(conv2d_weight_per_sample(module, x, e))
     if module.bias is not None and module.bias.requires_grad:
         parts.append(e.to(_work_dtype(x)).sum(dim=(2, 3)))  # [B, Cout]
-    return torch.cat(parts, 1)
+    return _cat(parts)
 
 
 def conv2d_gram(module: nn.Conv2d, x: torch.Tensor, e: torch.Tensor, strategy: Strategy = "auto") -> torch.Tensor:
@@ -325,7 +329,7 @@ def norm_per_sample(module: nn.Module, x: torch.Tensor, e: torch.Tensor) -> torc
         parts.append((e * xhat).sum(dim=dims) if dims else e * xhat)  # [B, C]
     if module.bias is not None and module.bias.requires_grad:
         parts.append(e.sum(dim=dims) if dims else e)  # [B, C]
-    return torch.cat(parts, 1)
+    return _cat(parts)
 
 
 def generic_per_sample(module: nn.Module, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
