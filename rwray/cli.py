@@ -162,15 +162,18 @@ def reproduce(table: Path = typer.Argument(..., help="table YAML (see jobs/table
         sys.stdout.write(report(table, parent_run_id=parent))
 
 
-@app.command("report")
+@app.command("report", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def report_cmd(table: Path = typer.Argument(..., help="table YAML"),
+               overrides: Optional[List[str]] = typer.Argument(None, help="the overrides `reproduce` was given"),
                out: Optional[Path] = typer.Option(None, help="also write the markdown (and a .png plot) here"),
+               into: Optional[Path] = typer.Option(None, help="replace this table's section of a markdown file "
+                                                   "(e.g. docs/results.md)"),
                run_id: Optional[str] = typer.Option(None, help="a reproduction's MLflow run (default: the latest)")) -> None:
     """Markdown table of a reproduction: ours (mean +- std over seeds) beside the paper's numbers."""
     from rwray.reproduce import report
 
     with friendly_errors():
-        sys.stdout.write(report(table, out, run_id))
+        sys.stdout.write(report(table, out, run_id, overrides or [], into))
 
 
 QUICKSTART = ("quickstart.yaml", "quickstart_balanced_softmax.yaml")  # ERM, then one reweighting method on the same data

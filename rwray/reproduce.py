@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field
@@ -27,10 +27,21 @@ class Row(Section):
     label: str | None = None  # defaults to the job's name
 
 
+class Column(Section):
+    """One more metric the report shows for every row, beside the row's reference metric."""
+
+    metric: str  # a metric the runs log, e.g. test_unbiased/top1 or pscore/spearman_vs_class_count
+    label: str | None = None  # the column header; defaults to the metric
+    at: Literal["best", "last"] = "best"  # at the epoch chosen on validation (best/<metric>), or the last logged value
+    percent: bool = True  # a fraction shown in percent (accuracies); false: shown as logged (correlations)
+
+
 class Table(Section):
     name: str  # also the MLflow experiment of its runs
     title: str
     seeds: list[int] = Field([0, 1, 2], min_length=1)
+    metric: str = "test/balanced_acc"  # the "ours" column of rows without a reference (a reference names its own)
+    columns: list[Column] = []
     overrides: list[str] = []  # applied to every row (e.g. output_dir, scaling.num_workers)
     max_concurrent: int = Field(2, ge=1)
     rows: list[Row] = Field(min_length=1)
@@ -116,11 +127,14 @@ def reproduce(path: str | Path, overrides: list[str] = ()) -> str:
         tracking.finish(uri, parent, error)
 
 
-def report(path: str | Path, out: Path | None = None, parent_run_id: str | None = None) -> str:
-    """Markdown table (ours beside the paper's) from the recorded runs of the table's latest (or given) reproduction."""
+def report(path: str | Path, out: Path | None = None, parent_run_id: str | None = None,
+           overrides: list[str] = (), into: Path | None = None) -> str:
+    """Markdown table (ours beside the paper's) from the recorded runs of the table's latest (or given) reproduction.
+    `overrides` are those the reproduction ran with (they locate its tracking store); `into` is a markdown document
+    whose section for this table is replaced."""
     from rwray import tracking
 
-    tj = load_table(path)
+    tj = load_table(path, list(overrides))
     uri = tracking.resolve_uri(tj.jobs[0][1])
     c = tracking.client(uri)
     exp = c.get_experiment_by_name(tj.table.name)
@@ -134,21 +148,22 @@ def report(path: str | Path, out: Path | None = None, parent_run_id: str | None 
         if not parents:
             raise C.ConfigError([f"no reproduction of {tj.table.name!r} recorded in {uri}"], str(path))
         parent_run_id = parents[0].info.run_id
-    children = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    children = [r for r in c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+                if r.info.status == "FINISHED"]
+    cols = tj.table.columns
     lines = [f"### {tj.table.title}", "",
              "Ours: mean ± std over seeds of the test metric at the epoch chosen on validation. "
              f"Reproduction run `{parent_run_id}`.", "",
-             "| row | metric | ours | seeds | paper | source |", "|---|---|---|---|---|---|"]
+             "| row | metric | ours | " + "".join(f"{col.label or col.metric} | " for col in cols)
+             + "seeds | paper | source |", "|---|---|---|" + "---|" * len(cols) + "---|---|---|"]
     plot_rows = []
     for label, cfg in tj.jobs:
-        metric = cfg.reference.metric if cfg.reference else "test/balanced_acc"
-        key = f"best/{metric}"
-        vals = [100 * r.data.metrics[key] for r in children
-                if r.data.tags.get("rwray.row") == label and r.info.status == "FINISHED" and key in r.data.metrics]
-        ours = (f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}" if len(vals) > 1
-                else f"{vals[0]:.1f}" if vals else "-")
+        runs = [r for r in children if r.data.tags.get("rwray.row") == label]
+        metric = cfg.reference.metric if cfg.reference else tj.table.metric
+        vals = _values(runs, Column(metric=metric))
+        extra = "".join(f"{_mean_std(_values(runs, col), 1 if col.percent else 2)} | " for col in cols)
         paper = f"{cfg.reference.value:.1f}" if cfg.reference else "-"
-        lines.append(f"| {label} | {metric} | {ours} | {len(vals)} | {paper} | "
+        lines.append(f"| {label} | {metric} | {_mean_std(vals)} | {extra}{len(vals)} | {paper} | "
                      f"{cfg.reference.source if cfg.reference else ''} |")
         plot_rows.append((label, statistics.mean(vals) if vals else math.nan,
                           cfg.reference.value if cfg.reference else math.nan))
@@ -160,7 +175,36 @@ def report(path: str | Path, out: Path | None = None, parent_run_id: str | None 
         log.artifact(png, "report")
     if out is not None:
         Path(out).write_text(text)
+    if into is not None:
+        replace_section(Path(into), tj.table.name, text)
     return text
+
+
+def replace_section(doc: Path, key: str, text: str) -> None:
+    """Put `text` between the document's <!-- report:KEY:begin/end --> markers (appended, with markers, if absent),
+    leaving everything else as it is: how docs/results.md is regenerated table by table."""
+    begin, end = f"<!-- report:{key}:begin -->", f"<!-- report:{key}:end -->"
+    old = doc.read_text() if doc.is_file() else ""
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1]
+    else:
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + block + "\n"
+    doc.write_text(new)
+
+
+def _values(runs: list, col: Column) -> list[float]:
+    """One value per run that logged the column's metric (best/<metric> or the last value), in percent if asked."""
+    key = f"best/{col.metric}" if col.at == "best" else col.metric
+    return [(100 if col.percent else 1) * r.data.metrics[key] for r in runs if key in r.data.metrics]
+
+
+def _mean_std(vals: list[float], digits: int = 1) -> str:
+    if not vals:
+        return "-"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 \
+        else f"{vals[0]:.{digits}f}"
 
 
 def _plot(rows: list[tuple[str, float, float]], title: str, path: Path | None) -> Path | None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from rwray.methods import METHODS, DataInfo, StepInputs, weighted_loss  # first: see the import-cycle note in test_losses
 from rwray import dist  # noqa: E402
-from rwray.methods.batch_reweight import BatchReweightParams, batch_reweight_weights
+from rwray.methods.batch_reweight import BatchReweightParams, batch_reweight_weights, class_pscore_spearman
 from rwray.models.resnet_cifar import ResNet32Params, resnet32
 from rwray.models.small_cnn import SmallCNN, SmallCNNParams
 
@@ -135,8 +135,11 @@ def test_end_epoch_metrics_and_score_files(tmp_path):
     method = build(model)
     assert method.artifacts(str(tmp_path)) == []  # nothing scored yet
     e0, e1 = run_two_epochs(method, model)
-    assert e0 == {"pscore/mean": pytest.approx(1.5), "pscore/class_0": pytest.approx(2.0), "pscore/class_1": pytest.approx(1.0)}
-    assert e1 == {"pscore/mean": pytest.approx(5 / 3), "pscore/class_0": pytest.approx(2.0), "pscore/class_1": pytest.approx(1.0)}
+    # class 0 (30 training samples) has the larger mean p-score (2 vs 1): rank correlation +1 with the counts
+    assert e0 == {"pscore/mean": pytest.approx(1.5), "pscore/class_0": pytest.approx(2.0), "pscore/class_1": pytest.approx(1.0),
+                  "pscore/spearman_vs_class_count": pytest.approx(1.0)}
+    assert e1 == {"pscore/mean": pytest.approx(5 / 3), "pscore/class_0": pytest.approx(2.0), "pscore/class_1": pytest.approx(1.0),
+                  "pscore/spearman_vs_class_count": pytest.approx(1.0)}
     want = np.array([[3, 2.0, 0], [7, 2.0, 0], [11, 1.0, 1], [20, 1.0, 1]])
     np.testing.assert_allclose(method.scores().numpy(), want)
 
@@ -149,6 +152,20 @@ def test_end_epoch_metrics_and_score_files(tmp_path):
     assert table == {"index": [3, 7, 11, 20], "pscore": [2.0, 2.0, 1.0, 1.0], "class": [0, 0, 1, 1], "n_scored": [2, 2, 2, 1]}
     png = (tmp_path / "out" / "pscore_per_class.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_class_spearman_by_hand():
+    # rows: (index, mean p-score, class). Class means (samples averaged): c0 = 5, c1 = 3, c2 = 1, counts 30 > 20 > 10.
+    rows = torch.tensor([[0, 4.0, 0], [1, 6.0, 0], [2, 3.0, 1], [3, 1.0, 2]], dtype=torch.float64)
+    assert class_pscore_spearman(rows, (30, 20, 10)) == pytest.approx(1.0)
+    assert class_pscore_spearman(rows, (10, 20, 30)) == pytest.approx(-1.0)
+    # ties get average ranks: means (2, 2, 1) -> ranks (2.5, 2.5, 1) against (3, 2, 1): 1.5 / sqrt(1.5 * 2)
+    tied = torch.tensor([[0, 2.0, 0], [1, 2.0, 1], [2, 1.0, 2]], dtype=torch.float64)
+    assert class_pscore_spearman(tied, (30, 20, 10)) == pytest.approx(1.5 / math.sqrt(3.0))
+    # a class never scored is left out: (c0, c2) alone is a perfect order
+    assert class_pscore_spearman(tied[[0, 2]], (30, 20, 10)) == pytest.approx(1.0)
+    assert math.isnan(class_pscore_spearman(tied[:1], (30, 20, 10)))  # one class: undefined
+    assert math.isnan(class_pscore_spearman(tied, (5, 5, 5)))  # constant counts: undefined
 
 
 def test_mean_over_epochs_differs_per_sample():
@@ -388,7 +405,8 @@ def test_two_workers_gather_the_global_table(tmp_path):
     want = torch.tensor([[3, 2.0, 0], [7, 2.0, 0], [11, 1.0, 1], [20, 1.0, 1]], dtype=torch.float64)
     for r in ranks:  # every rank holds the whole table and the global per-class means
         torch.testing.assert_close(r["scores"], want)
-        assert r["end"] == {"pscore/mean": pytest.approx(1.5), "pscore/class_0": pytest.approx(2.0), "pscore/class_1": pytest.approx(1.0)}
+        assert r["end"] == {"pscore/mean": pytest.approx(1.5), "pscore/class_0": pytest.approx(2.0), "pscore/class_1": pytest.approx(1.0),
+                            "pscore/spearman_vs_class_count": pytest.approx(1.0)}
         torch.testing.assert_close(r["weights"], torch.ones(2))  # equal p within each local batch: uniform
         (on, ok_on), (off, ok_off) = r["ddp"][True], r["ddp"][False]
         assert ok_on is True and ok_off is None

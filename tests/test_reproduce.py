@@ -56,6 +56,38 @@ def test_report_renders_from_recorded_runs(tmp_path):
     assert "report/table.md" in [a.path for a in c.list_artifacts(parent, "report")]
 
 
+def test_report_extra_columns(tmp_path):
+    t = _table(tmp_path, tmp_path / "d", [("row", {"name": "erm"}, None)])
+    raw = yaml.safe_load(t.read_text())
+    raw["columns"] = [{"metric": "test_unbiased/top1", "label": "unbiased"},
+                      {"metric": "pscore/spearman_vs_class_count", "at": "last", "percent": False, "label": "rho"}]
+    t.write_text(yaml.safe_dump(raw))
+    (tmp_path / "runs").mkdir()
+    c = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = c.create_experiment("tbl")
+    parent = c.create_run(exp, tags={"rwray.table": "tbl"}).info.run_id
+    for seed, (acc, unb, rhos) in enumerate([(0.9, 0.3, [0.1, 0.5]), (0.8, 0.5, [0.2, 0.7]), (0.1, 0.1, [0.9])]):
+        r = c.create_run(exp, tags={"mlflow.parentRunId": parent, "rwray.table": "tbl", "rwray.row": "row"})
+        c.log_metric(r.info.run_id, "best/test/balanced_acc", acc)
+        c.log_metric(r.info.run_id, "best/test_unbiased/top1", unb)
+        for step, rho in enumerate(rhos):  # the last value is the one reported
+            c.log_metric(r.info.run_id, "pscore/spearman_vs_class_count", rho, step=step)
+        c.set_terminated(r.info.run_id, "FINISHED" if seed < 2 else "FAILED")  # a failed run is left out
+    text = report(t)
+    assert "| row | metric | ours | unbiased | rho | seeds | paper | source |" in text
+    assert "| row | test/balanced_acc | 85.0 ± 7.1 | 40.0 ± 14.1 | 0.60 ± 0.14 | 2 | - |  |" in text
+
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nintro\n\n<!-- report:tbl:begin -->\nstale\n<!-- report:tbl:end -->\n\nafter\n")
+    report(t, into=doc)
+    report(t, into=doc)  # regenerating replaces the section, nothing else
+    body = doc.read_text()
+    assert body == f"# Results\n\nintro\n\n<!-- report:tbl:begin -->\n{text.rstrip()}\n<!-- report:tbl:end -->\n\nafter\n"
+    fresh = tmp_path / "new.md"
+    report(t, into=fresh)  # no section yet: appended with its markers
+    assert fresh.read_text() == f"<!-- report:tbl:begin -->\n{text.rstrip()}\n<!-- report:tbl:end -->\n"
+
+
 @pytest.mark.ray
 def test_reproduce_small_table_for_real(tmp_path, digits_dir, ray_local):
     t = _table(tmp_path, digits_dir, [("erm-row", {"name": "erm"}, REF), ("bs-row", {"name": "erm", "loss": {"name": "balanced_softmax"}}, None)],

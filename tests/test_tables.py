@@ -24,8 +24,9 @@ JOBS = Path(__file__).parent.parent / "jobs"
 PAPER = JOBS / "paper"
 DIGITS = PAPER / "digits"
 TABLE_FILES = sorted((JOBS / "tables").glob("*.yaml"))
-PAPER_TABLES = [t for t in TABLE_FILES if not t.stem.endswith("_digits")]
-DIGITS_TABLES = [t for t in TABLE_FILES if t.stem.endswith("_digits")]
+RESULTS_TABLES = [t for t in TABLE_FILES if t.stem.startswith("results_")]  # docs/results.md: digits rows only
+PAPER_TABLES = [t for t in TABLE_FILES if not t.stem.endswith("_digits") and t not in RESULTS_TABLES]
+DIGITS_TABLES = [t for t in TABLE_FILES if t.stem.endswith("_digits") and t not in RESULTS_TABLES]
 
 
 def _ids(paths):
@@ -95,6 +96,13 @@ def test_every_table_and_row_validates(table):
     assert len(tj.jobs) == len(tj.table.rows) >= 1
     for _, cfg in tj.jobs:
         assert cfg.tracking.experiment == tj.table.name  # the table's experiment wins over the job's own
+
+
+@pytest.mark.parametrize("table", RESULTS_TABLES, ids=_ids(RESULTS_TABLES))
+def test_results_tables_reuse_digits_rows(table):
+    """The tables behind docs/results.md run here in minutes: each row is a digits sibling some digits table lists."""
+    strays = [j for j in rows(table) if j not in DIGITS_ROWS]
+    assert not strays, f"{table.name}: rows that are no digits table's row: {strays}"
 
 
 def test_table_names_unique():

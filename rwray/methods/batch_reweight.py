@@ -44,7 +44,9 @@ DDP's gradient average stays the ERM scale. p-scores are collected per step by s
 
     per sample: sum of p-scores, number of times scored, class (the label it was trained with, possibly noisy)
 
-The mean p-score of a sample is its p averaged over the epochs (times) it was scored. `artifacts` writes
+The mean p-score of a sample is its p averaged over the epochs (times) it was scored. Each epoch end also logs
+``pscore/spearman_vs_class_count``: the Spearman correlation, over classes, of the class's mean p-score (samples'
+means, all epochs so far) with its training count (`class_pscore_spearman`). `artifacts` writes
 ``pscores.parquet`` (index, pscore, class, n_scored), ``score.npy`` [N, 3] float64 = (index, mean p-score, class)
 for the N samples scored at least once, sorted by index, as the seed does, and ``pscore_per_class.png``.
 """
@@ -73,6 +75,28 @@ def batch_reweight_weights(G: torch.Tensor, gamma: float, temp: float, weight_fn
     [B] int64 p-scores)."""
     p = gm.pscores(gm.cosine(G), gamma)
     return gm.pscore_weights(p, temp, weight_fn), p
+
+
+def class_pscore_spearman(scores: torch.Tensor, class_counts: tuple[int, ...]) -> float:
+    """Spearman rank correlation between each class's mean p-score and its training count.
+
+    scores: [N, 3] (index, mean p-score over epochs, class), as `BatchReweight.scores`. A class's mean p-score is
+    the mean over its scored samples. Classes never scored are left out; ties get average ranks. NaN when fewer
+    than 2 classes are left or either side is constant. Positive: head classes have larger gradient-neighbourhoods
+    (so lower weights) than tail classes, which is what the method relies on.
+    """
+    from scipy.stats import spearmanr
+
+    cls = scores[:, 2].long()
+    k = len(class_counts)
+    sums = torch.zeros(k, dtype=torch.float64).index_add_(0, cls, scores[:, 1].double())
+    n = torch.zeros(k, dtype=torch.float64).index_add_(0, cls, torch.ones(len(cls), dtype=torch.float64))
+    seen = n > 0
+    mean_p = (sums[seen] / n[seen]).numpy()
+    counts = torch.tensor(class_counts, dtype=torch.float64)[seen].numpy()
+    if len(mean_p) < 2 or mean_p.min() == mean_p.max() or counts.min() == counts.max():
+        return math.nan
+    return float(spearmanr(mean_p, counts).statistic)
 
 
 class BatchReweightParams(Params):
@@ -211,6 +235,9 @@ class BatchReweight(Method):
         for k in range(c):
             if counts[k] > 0:
                 out[f"pscore/class_{k}"] = float(sums[k] / counts[k])
+        rho = class_pscore_spearman(self.scores(), self.info.class_counts)  # over every epoch so far
+        if not math.isnan(rho):
+            out["pscore/spearman_vs_class_count"] = rho
         return out
 
     def _device_for_collectives(self) -> torch.device:
