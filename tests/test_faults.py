@@ -400,6 +400,32 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
                "as expected; 2 workers deal the 1-worker permutation round-robin", True, "determinism")
 
 
+def test_train_rows_stream_once_and_give_the_epoch_order():
+    """The loop's train input: the split is streamed on the first epoch only, and every epoch's batches are this
+    rank's rows of `epoch_rows` in order, cut into batches (the last one short)."""
+    from rwray.train.loop import TrainRows, epoch_rows
+
+    n = 53
+    rows = {"index": torch.arange(500, 500 + n).flip(0), "label": torch.arange(n) % 7}
+    parts = [{k: v[i:i + 8] for k, v in rows.items()} for i in range(0, n, 8)]
+    streamed = []
+
+    def stream():
+        streamed.append(1)
+        return iter(parts)
+
+    train = TrainRows(stream)
+    for epoch in (0, 1, 2):
+        for rank in (0, 1):
+            batches = list(train.batches(seed=3, epoch=epoch, rank=rank, world=2, batch_size=5))
+            want = epoch_rows(parts, 3, epoch, rank, 2)
+            assert [len(b["index"]) for b in batches] == [5] * 5 + [1]  # 26 rows of this rank
+            for k in want:
+                assert torch.equal(torch.cat([b[k] for b in batches]), want[k])
+    assert streamed == [1]
+    assert list(TrainRows(lambda: iter([])).batches(0, 0, 0, 1, 4)) == []  # an empty split: no batch
+
+
 def test_logger_sends_each_epoch_once_and_picks_up_a_dead_loggers_spool(tmp_path):
     """BufferedRunLogger against a real (sqlite) MLflow store: an epoch logged twice is sent once; items left in
     the spool by a logger that never sent them are sent by its successor; nothing is left behind."""

@@ -112,7 +112,7 @@ def _datasets(manifest: Manifest) -> dict[str, Any]:
     for split in ("train", *manifest.eval_splits):
         # Materialized once (no read tasks compete with the workers for CPU). The train order is not Ray's
         # random_shuffle (unseeded: a restart would see another order) but a (seed, epoch) permutation each worker
-        # applies to the stream (loop.epoch_rows).
+        # applies to the split it streams once and keeps (loop.TrainRows).
         out[split] = ray.data.read_parquet(manifest.shard_paths(split), shuffle=None).materialize()
     return out
 

@@ -5,7 +5,7 @@ The epoch and evaluation bodies (`train_epoch`, `evaluate`) are plain torch func
 so benchmarks run the same code in a plain process.
 
 Restarts (a lost worker, a preempted driver) replay exactly: the data order of an epoch is a function of
-(seed, epoch) alone (`epoch_rows`), augmentation and dropout of (seed, rank, epoch), and the checkpoint holds the
+(seed, epoch) alone (`epoch_order`), augmentation and dropout of (seed, rank, epoch), and the checkpoint holds the
 model, optimizer, scheduler, method state and every logged epoch's metrics. An epoch's metrics are logged once,
 after its checkpoint is reported; a restart skips what the restored checkpoint covers.
 """
@@ -191,25 +191,63 @@ def _order_seed(seed: int, epoch: int) -> int:
     return (seed * 2_000_003 + epoch * 7_919 + 104_729) % (2**63)
 
 
-def epoch_rows(parts: Iterable[dict[str, torch.Tensor]], seed: int, epoch: int, rank: int,
-               world: int) -> dict[str, torch.Tensor]:
-    """This worker's rows of the train split for one epoch, in training order.
-
-    ``parts`` is the whole split in any chunking and any order (Ray Data hands out blocks as they come). Rows are
-    put in a canonical order by their stable ``index`` id, permuted by a generator seeded with (seed, epoch), cut
-    to a multiple of ``world`` and dealt round-robin: rank r takes positions r, r+world, ... So global step s
-    trains on permutation positions [s*B*world, (s+1)*B*world) whatever the worker count, each rank takes the same
-    number of steps (DDP needs that), and a restarted epoch sees exactly the rows, order and split it saw before.
-    """
+def canonical_rows(parts: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A whole split in any chunking and any order (Ray Data hands out blocks as they come) -> one tensor per
+    column, rows sorted by the stable ``index`` id ({} for an empty split)."""
     parts = [p for p in parts if len(p["index"])]
     if not parts:
         return {}
     rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     canonical = torch.argsort(rows["index"])  # [N] ids are unique per split
+    return {k: v[canonical] for k, v in rows.items()}
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> torch.Tensor:
+    """This worker's positions in the canonical rows for one epoch, in training order: [n // world] int64.
+
+    A permutation seeded with (seed, epoch), cut to a multiple of ``world`` and dealt round-robin: rank r takes
+    positions r, r+world, ... So global step s trains on permutation positions [s*B*world, (s+1)*B*world) whatever
+    the worker count, each rank takes the same number of steps (DDP needs that), and a restarted epoch sees exactly
+    the rows, order and split it saw before.
+    """
     g = torch.Generator().manual_seed(_order_seed(seed, epoch))
-    perm = canonical[torch.randperm(len(canonical), generator=g)]  # [N]
-    mine = perm[rank:(len(perm) // world) * world:world]  # [N // world]
+    perm = torch.randperm(n, generator=g)  # [n]
+    return perm[rank:(n // world) * world:world]
+
+
+def epoch_rows(parts: Iterable[dict[str, torch.Tensor]], seed: int, epoch: int, rank: int,
+               world: int) -> dict[str, torch.Tensor]:
+    """This worker's rows of the train split for one epoch, in training order (`canonical_rows` + `epoch_order`)."""
+    rows = canonical_rows(parts)
+    if not rows:
+        return {}
+    mine = epoch_order(len(rows["index"]), seed, epoch, rank, world)
     return {k: v[mine] for k, v in rows.items()}
+
+
+class TrainRows:
+    """The train split as one worker uses it: streamed from Ray Data once, kept in the worker's memory sorted by
+    ``index``, and cut each epoch into this rank's batches of the (seed, epoch) permutation (`epoch_order`).
+
+    Every worker holds the whole split: Ray's dynamic split would hand rows to whichever worker asks first, so
+    neither the order nor the split would survive a restart. Streaming it once instead of every epoch saves the
+    per-epoch Arrow-to-tensor conversion and copy; later epochs cost what an in-memory loader costs.
+    """
+
+    def __init__(self, stream: Callable[[], Iterable[dict[str, torch.Tensor]]]):
+        self._stream = stream
+        self._rows: dict[str, torch.Tensor] | None = None
+
+    def batches(self, seed: int, epoch: int, rank: int, world: int, batch_size: int
+                ) -> Iterator[dict[str, torch.Tensor]]:
+        if self._rows is None:
+            self._rows = canonical_rows(self._stream())
+        if not self._rows:
+            return
+        mine = epoch_order(len(self._rows["index"]), seed, epoch, rank, world)
+        for i in range(0, len(mine), batch_size):
+            j = mine[i:i + batch_size]
+            yield {k: v[j] for k, v in self._rows.items()}
 
 
 def _status_writer(folder: str | None, rank: int, start_epoch: int) -> Callable[[int, int], None]:
@@ -281,17 +319,13 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     num_bias = info.num_classes if "bias" in info.extra_columns else None  # bias values index the classes' colours
     classes = manifest.classes
     gen = torch.Generator(device=device)
+    train_rows = TrainRows(lambda: ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=4096,
+                                                                                             prefetch_batches=2))
 
     def train_batches(epoch: int) -> Iterator[Batch]:
         gen.manual_seed(_epoch_seed(cfg.train.seed, rank, epoch))
-        # Every worker streams the whole (materialized) train split and keeps its slice of the epoch's permutation:
-        # Ray's dynamic split would hand rows to whichever worker asks first, so neither the order nor the split
-        # would be reproducible after a restart.
-        parts = ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=4096, prefetch_batches=2)
-        rows = epoch_rows(parts, cfg.train.seed, epoch, rank, world)
-        n, bs = len(rows.get("index", ())), cfg.data.batch_size
-        for i in range(0, n, bs):
-            yield images({k: v[i:i + bs] for k, v in rows.items()}, cfg.data.augment, cfg.data.crop_padding, gen)
+        for rows in train_rows.batches(cfg.train.seed, epoch, rank, world, cfg.data.batch_size):
+            yield images(rows, cfg.data.augment, cfg.data.crop_padding, gen)
 
     def eval_batches(split: str) -> Iterator[Batch]:
         # Eval splits are not split by Ray (its equal split drops rows): every worker reads the split and keeps
