@@ -199,8 +199,9 @@ def main() -> None:
         "`random_shuffle`: shards are read and materialised once by the driver; on its first epoch each worker "
         "streams the split from Ray Data in 4096-row blocks and keeps it, sorted by sample index; every epoch it "
         "takes its rows of the (seed, epoch) permutation, so a restarted epoch sees the same order. Both loaders "
-        "then pay the same batched decode + crop + flip + normalise, which is most of the time on CPU. The Ray Train overhead row is the epoch time inside a 1-worker TorchTrainer against a plain "
-        "process; the `fit()` row adds the worker group's start-up, paid once per run.",
+        "then pay the same batched decode + crop + flip + normalise, which is most of the time on CPU. The Ray "
+        "Train overhead row is the epoch time inside a 1-worker TorchTrainer against a plain process; the `fit()` "
+        "row adds the worker group's start-up, paid once per run.",
         "",
     ]
     DOC.write_text("\n".join(lines))

@@ -374,10 +374,18 @@ def test_deterministic_errors_are_not_retried():
                "; ".join(outcome), True, "workers")
 
 
+def epoch_rows(parts, seed, epoch, rank, world):
+    """One rank's rows of one epoch, in training order: what TrainRows' batches add up to."""
+    from rwray.train.loop import canonical_rows, epoch_order
+
+    rows = canonical_rows(parts)
+    mine = epoch_order(len(rows["index"]), seed, epoch, rank, world)
+    return {k: v[mine] for k, v in rows.items()}
+
+
 def test_epoch_order_is_a_function_of_seed_and_epoch():
     """What makes a restarted epoch replay: the order and the split do not depend on how Ray Data chunks or orders
     the stream, only on (seed, epoch); every rank gets the same number of rows; ranks never overlap."""
-    from rwray.train.loop import epoch_rows
 
     n = 103
     rows = {"index": torch.arange(1000, 1000 + n), "image": torch.arange(n * 4, dtype=torch.uint8).view(n, 4) % 251}
@@ -403,7 +411,7 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
 def test_train_rows_stream_once_and_give_the_epoch_order():
     """The loop's train input: the split is streamed on the first epoch only, and every epoch's batches are this
     rank's rows of `epoch_rows` in order, cut into batches (the last one short)."""
-    from rwray.train.loop import TrainRows, epoch_rows
+    from rwray.train.loop import TrainRows
 
     n = 53
     rows = {"index": torch.arange(500, 500 + n).flip(0), "label": torch.arange(n) % 7}

@@ -262,7 +262,7 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
                         logging_config=ray.train.LoggingConfig(log_level="WARNING"),
                         callbacks=[_stop_on_fatal_errors(), *callbacks]),
                     datasets=_datasets(manifest),
-                    # Nothing is split by Ray: train order and split are the loop's (epoch_rows), eval splits are
+                    # Nothing is split by Ray: train order and split are the loop's (TrainRows), eval splits are
                     # divided by index % world.
                     dataset_config=ray.train.DataConfig(datasets_to_split=[]),
                 )

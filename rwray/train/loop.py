@@ -215,16 +215,6 @@ def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> torch.T
     return perm[rank:(n // world) * world:world]
 
 
-def epoch_rows(parts: Iterable[dict[str, torch.Tensor]], seed: int, epoch: int, rank: int,
-               world: int) -> dict[str, torch.Tensor]:
-    """This worker's rows of the train split for one epoch, in training order (`canonical_rows` + `epoch_order`)."""
-    rows = canonical_rows(parts)
-    if not rows:
-        return {}
-    mine = epoch_order(len(rows["index"]), seed, epoch, rank, world)
-    return {k: v[mine] for k, v in rows.items()}
-
-
 class TrainRows:
     """The train split as one worker uses it: streamed from Ray Data once, kept in the worker's memory sorted by
     ``index``, and cut each epoch into this rank's batches of the (seed, epoch) permutation (`epoch_order`).
