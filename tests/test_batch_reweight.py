@@ -222,7 +222,10 @@ def test_resnet32_trains_two_steps_through_the_registry(norm):
         weighted_loss(out).backward()
         opt.step()
         metrics = method.end_epoch(epoch)
-        assert set(metrics) == {"pscore/mean", "pscore/class_0", "pscore/class_1", "pscore/class_2", "pscore/class_3"}
+        rho = class_pscore_spearman(method.scores(), info.class_counts)  # NaN (so not logged) when p is constant
+        assert set(metrics) == {"pscore/mean", "pscore/class_0", "pscore/class_1", "pscore/class_2", "pscore/class_3",
+                                *(() if math.isnan(rho) else ("pscore/spearman_vs_class_count",))}
+        assert math.isnan(rho) or metrics["pscore/spearman_vs_class_count"] == rho
         assert 1 <= metrics["pscore/mean"] <= 6
     assert all(not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters()))
     assert len(method.scores()) == 12

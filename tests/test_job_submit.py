@@ -21,7 +21,8 @@ BIN = Path(sys.executable).parent
 
 def _kill_cluster(temp_dir: Path) -> None:
     """Stop only this head's processes (`ray stop` would stop every Ray on the machine, the tests' own too)."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    # -ww: whole command lines (without it ps cuts them at the terminal's width, and the temp dir is past that)
+    out = subprocess.run(["ps", "-eww", "-o", "pid=,args="], capture_output=True, text=True).stdout
     for line in out.splitlines():
         pid, _, args = line.strip().partition(" ")
         if str(temp_dir) in args and int(pid) != os.getpid():
