@@ -35,7 +35,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rwray.methods import METHODS, DataInfo, StepInputs, weighted_loss  # noqa: E402
+from rwray.datainfo import DataInfo  # noqa: E402
+from rwray.methods import METHODS, StepInputs, weighted_loss  # noqa: E402
 from rwray.methods import gram as gm  # noqa: E402
 from rwray.methods.batch_reweight import BatchReweightParams  # noqa: E402
 from rwray.methods.erm import ERMParams  # noqa: E402

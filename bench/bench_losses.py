@@ -35,7 +35,7 @@ from rwray.losses.balanced_softmax import BalancedSoftmaxParams
 from rwray.losses.ce import CEParams
 from rwray.methods import METHODS, StepInputs, weighted_loss
 from rwray.methods.absgd import ABSGDParams
-from rwray.methods.base import DataInfo
+from rwray.datainfo import DataInfo
 from rwray.methods.erm import ERMParams
 from rwray.models import MODELS
 from rwray.models.resnet_cifar import ResNet32Params

@@ -52,7 +52,7 @@ def measure(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
 
     from rwray.methods import METHODS
-    from rwray.methods.base import DataInfo
+    from rwray.datainfo import DataInfo
     from rwray.methods.hsic import hsic
     from rwray.models.simple_conv import SimpleConvNet, SimpleConvParams
     from rwray.train.loop import Batch, train_epoch

@@ -22,29 +22,22 @@ JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
 @contextmanager
 def friendly_errors() -> Iterator[None]:
-    """Known bad-input errors become one clear message and exit code 2 (input) or 1 (run), no traceback."""
-    from rwray.config import ConfigError
-    from rwray.data import DataError
-    from rwray.registry import UnknownName
-    from rwray.tracking import TrackingError
-    from rwray.train.loop import NonFiniteLoss
+    """Every rwray error becomes its message and its exit code (2: bad input, 1: the run failed), no traceback.
+    Anything else is a bug and keeps its traceback."""
+    from rwray.errors import RwrayError
 
     try:
         yield
-    except (ConfigError, DataError, UnknownName, TrackingError, FileNotFoundError) as e:
+    except RwrayError as e:
         console.print(f"[bold red]error:[/] {type(e).__name__}", highlight=False)
         console.print(str(e), highlight=False, markup=False)
-        raise typer.Exit(2) from None
-    except NonFiniteLoss as e:
-        console.print("[bold red]error:[/] NonFiniteLoss", highlight=False)
-        console.print(str(e), highlight=False, markup=False)
-        raise typer.Exit(1) from None
+        raise typer.Exit(e.exit_code) from None
 
 
 def _parse_pairs(pairs: list[str]) -> dict[str, object]:
     import yaml
 
-    from rwray.config import ConfigError
+    from rwray.errors import ConfigError
 
     out, problems = {}, []
     for p in pairs:
@@ -77,7 +70,8 @@ def data_prepare(
     """Write train/val/test Parquet shards and a manifest from a source."""
     from pydantic import ValidationError
 
-    from rwray.config import ConfigError, _describe
+    from rwray.config import _describe
+    from rwray.errors import ConfigError
     from rwray.data import SOURCES, BuilderParams, prepare
 
     with friendly_errors():

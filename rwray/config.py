@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rwray.data.shards import BuilderParams
+from rwray.errors import ConfigError
 from rwray.data.sources import SOURCES
 from rwray.methods import MethodConfig
 from rwray.methods.erm import ERMParams
@@ -68,6 +69,10 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     amp: Literal["auto", "bf16", "none"] = "auto"  # auto: bf16 autocast on GPU, none on CPU
     select_metric: SelectMetric = "val/balanced_acc"
+    # Ray Train restarts a worker group that lost a worker this many times, from the last checkpoint (0: never).
+    max_failures: int = Field(3, ge=0, le=1000)
+    # Starting a job whose run (same output_dir + run name + configuration) is unfinished continues that run.
+    auto_resume: bool = True
 
 
 class ScalingConfig(Section):
@@ -81,6 +86,9 @@ class TrackingConfig(Section):
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI if set, else sqlite:///<output_dir>/mlflow.db
     experiment: str = "rwray"
     run_name: str | None = None
+    # At the end of a run, how long to wait for buffered metrics and artifacts to reach an unreachable server
+    # before leaving them in the spool (sent at the run's next start).
+    flush_timeout_s: float = Field(300.0, gt=0, le=86400)
 
 
 class Distribution(Section):
@@ -180,13 +188,6 @@ class Config(Section):
     def flat(self) -> dict[str, Any]:
         """Dotted-path view of every field (MLflow params)."""
         return flatten(self.model_dump(mode="json"))
-
-
-class ConfigError(ValueError):
-    def __init__(self, problems: Sequence[str], source: str = "config"):
-        self.problems = list(problems)
-        head = f"{source}: {len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
-        super().__init__("\n".join([head, *(f"  - {p}" for p in self.problems)]))
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

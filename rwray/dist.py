@@ -1,6 +1,6 @@
 """The only place rwray talks to torch.distributed.
 
-Every function is exact on one process (no process group): it returns its input. So each method is a plain tensor
+A leaf: imports nothing from rwray. Every function is exact on one process (no process group): it returns its input. So each method is a plain tensor
 function in unit tests and the same code computes global-batch statistics when Ray Train has started a group.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as tdist
+from torch import nn
 
 
 def is_distributed() -> bool:
@@ -70,3 +71,8 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         tdist.barrier()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module inside a DDP wrapper (its state_dict keys carry no 'module.' prefix); itself otherwise."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

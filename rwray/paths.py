@@ -12,15 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from rwray.config import ConfigError
-from rwray.data import DataError
-
-
-class PathError(ConfigError):
-    """A path in the job points outside the root it must stay in (a ConfigError: exit code 2 on the CLI)."""
-
-    def __init__(self, problem: str):
-        super().__init__([problem], "paths")
+from rwray.errors import DataError, PathError
 
 
 def inside(root: str | Path, path: str | Path) -> bool:

@@ -11,6 +11,8 @@ from typing import Any, Callable, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from rwray.errors import UnknownName
+
 T = TypeVar("T")
 
 
@@ -26,11 +28,6 @@ class Entry(Generic[T]):
     params: type[Params]
     build: Callable[..., T]
     doc: str = ""
-
-
-class UnknownName(KeyError):
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
 
 
 class Registry(Generic[T]):

@@ -207,24 +207,9 @@ def _mean_std(vals: list[float], digits: int = 1) -> str:
         else f"{vals[0]:.{digits}f}"
 
 
-def _plot(rows: list[tuple[str, float, float]], title: str, path: Path | None) -> Path | None:
+def _plot(rows: list[tuple[str, float, float]], title: str, path: Path | None) -> Path:
     import tempfile
 
-    import matplotlib
+    from rwray import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = path or Path(tempfile.mkdtemp()) / "table.png"
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows)), 3.5))
-    x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r[1] for r in rows], 0.4, label="ours")
-    ax.bar([i + 0.2 for i in x], [r[2] for r in rows], 0.4, label="paper")
-    ax.set_xticks(list(x), [r[0] for r in rows], rotation=30, ha="right")
-    ax.set_ylabel("%")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plots.ours_vs_paper(rows, title, path or Path(tempfile.mkdtemp()) / "table.png")

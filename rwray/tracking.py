@@ -26,12 +26,9 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from rwray.config import Config
+from rwray.errors import RunInUse, TrackingError
 
 PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
-
-
-class TrackingError(RuntimeError):
-    pass
 
 
 def resolve_uri(cfg: Config) -> str:
@@ -300,10 +297,6 @@ def start_or_resume(cfg: Config, uri: str, manifest_sha256: str, extra_tags: Map
     ray_name = f"{run_name(cfg)}-{run_id[:8]}"
     c.set_tag(run_id, "rwray.ray_run", ray_name)
     return RunHandle(run_id, ray_name, False, None, note)
-
-
-class RunInUse(TrackingError):
-    pass
 
 
 class RunLock:

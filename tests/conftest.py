@@ -1,7 +1,9 @@
-"""Shared fixtures: real digits shards, a real local Ray, a real `mlflow server` process on 127.0.0.1."""
+"""Shared fixtures: real digits shards, a real local Ray, a real `mlflow server` process on 127.0.0.1, and real
+two-process torch.distributed groups (gloo on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import subprocess
@@ -19,6 +21,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _gloo_rank(rank: int, world: int, port: int, out_dir: str, fn, args: tuple) -> None:
+    """One spawned rank: join the group, run ``fn(rank, world, *args)``, save what it returns (torch.save)."""
+    import torch
+    import torch.distributed as tdist
+
+    from rwray import dist
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                             timeout=datetime.timedelta(seconds=60))
+    try:
+        assert dist.world_size() == world and dist.rank() == rank  # the collectives really run
+        torch.save(fn(rank, world, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.fixture
+def gloo(tmp_path):
+    """``gloo(fn, *args, world=2, meanwhile=None)``: run module-level ``fn(rank, world, *args)`` in ``world`` real
+    processes joined by a gloo group; returns what each rank returned, in rank order. ``meanwhile`` (a callable)
+    runs in this process while the ranks do (the single-process reference, say); then ``(ranks, its result)``."""
+    import torch
+    import torch.multiprocessing as mp
+
+    def run(fn, *args, world: int = 2, meanwhile=None):
+        out = tmp_path / "gloo"
+        out.mkdir(exist_ok=True)
+        procs = mp.spawn(_gloo_rank, args=(world, free_port(), str(out), fn, args), nprocs=world, join=False)
+        local = meanwhile() if meanwhile is not None else None
+        while not procs.join():
+            pass
+        ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
+        return ranks if meanwhile is None else (ranks, local)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import free_port, job
 from rwray.data import DataError
-from rwray.methods import METHODS, DataInfo
+from rwray.datainfo import DataInfo
+from rwray.methods import METHODS
 from rwray.methods.erm import ERMParams
 from rwray.tracking import TrackingError
 from rwray.train.launch import run

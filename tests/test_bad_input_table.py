@@ -27,7 +27,8 @@ from conftest import free_port
 from reliability_report import Recorder
 from rwray import config as C
 from rwray.data import DataError
-from rwray.methods import METHODS, DataInfo
+from rwray.datainfo import DataInfo
+from rwray.methods import METHODS
 from rwray.methods.erm import ERMParams
 from rwray.paths import PathError
 from rwray.tracking import RunInUse, RunLock, TrackingError
@@ -378,8 +379,8 @@ ROWS = [
         C.ConfigError, ("method.gamma: Input should be greater than 0",)),
     Row("absgd-gamma-above-one", "config", "method: absgd, gamma: 1.5", validate(method={**ABSGD, "gamma": 1.5}),
         C.ConfigError, ("method.gamma: Input should be less than or equal to 1",)),
-    Row("absgd-stage-incomplete", "config", "method: absgd, init_lambda: 200 without lambda_epoch",
-        validate(method={**ABSGD, "init_lambda": 200}), C.ConfigError, ("init_lambda", "set lambda_epoch too")),
+    Row("absgd-stage-incomplete", "config", "method: absgd, init_lam: 200 without lam_epoch",
+        validate(method={**ABSGD, "init_lam": 200}), C.ConfigError, ("init_lam", "set lam_epoch too")),
     Row("unknown-method", "config", "method.name: magic", validate(method={"name": "magic"}), C.ConfigError,
         ("method.name: unknown method 'magic'; choose one of:", "absgd")),
     Row("unknown-model", "config", "model.name: resnet33", validate(model={"name": "resnet33"}), C.ConfigError,

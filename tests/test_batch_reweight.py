@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from rwray.methods import METHODS, DataInfo, StepInputs, weighted_loss  # first: see the import-cycle note in test_losses
+from rwray.datainfo import DataInfo
+from rwray.methods import METHODS, StepInputs, weighted_loss
 from rwray import dist  # noqa: E402
 from rwray.methods.batch_reweight import BatchReweightParams, batch_reweight_weights, class_pscore_spearman
 from rwray.models.resnet_cifar import ResNet32Params, resnet32

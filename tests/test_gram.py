@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwray.methods import DataInfo  # first: see the import-cycle note in test_losses
+from rwray.datainfo import DataInfo
 from rwray.methods import gram as gm
 from rwray.models.layers import NormedLinear
 from rwray.models.resnet_cifar import ResNet32Params, resnet32

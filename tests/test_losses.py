@@ -17,7 +17,7 @@ from rwray.losses.focal import FocalParams
 from rwray.losses.ldam import LDAMParams, ldam_margins
 from rwray.losses.symmetric import SCEParams
 from rwray.losses.truncated_lq import LqParams
-from rwray.methods.base import DataInfo
+from rwray.datainfo import DataInfo
 
 # 4 samples x 4 classes. Sample 0 is confidently right (p_y ~ 0.65), sample 3 is unsure (p_y ~ 0.2).
 Z = [

@@ -11,14 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from rwray.methods import METHODS, DataInfo, StepInputs, weighted_loss  # first: see the import-cycle note in test_losses
+from rwray.datainfo import DataInfo
+from rwray.methods import METHODS, StepInputs, weighted_loss
 from rwray.losses import LOSSES  # noqa: E402
 
 INFO = DataInfo(num_classes=4, class_counts=(60, 25, 10, 3), image_shape=(8, 1, 1), num_train=98)
 
 # method name -> extra keyword sets (each one more case on top of the defaults)
 EXTRA_CONFIGS: dict[str, list[dict]] = {
-    "absgd": [{"lam": 1.0}, {"lam": -2.0}, {"init_lambda": 200.0, "lam": 0.5, "lambda_epoch": 1}],
+    "absgd": [{"lam": 1.0}, {"lam": -2.0}, {"init_lam": 200.0, "lam": 0.5, "lam_epoch": 1}],
 }
 
 # method name -> reason; a method that needs inputs this generic test cannot provide. Empty today.

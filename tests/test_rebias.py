@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from rwray.methods import METHODS, DataInfo, StepInputs, weighted_loss  # first: see the import-cycle note in test_losses
+from rwray.datainfo import DataInfo
+from rwray.methods import METHODS, StepInputs, weighted_loss
 from rwray import dist  # noqa: E402
 from rwray.bias_metrics import bias_cell_accuracy, bias_cell_counts, summarize_bias_cells
 from rwray.methods.hsic import median_sigma

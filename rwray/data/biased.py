@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from rwray.data import DataError
+from rwray.errors import DataError
 
 # RGB background colour of each class, in class order.
 COLOURS = np.array(

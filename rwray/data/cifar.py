@@ -21,7 +21,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from rwray.data import DataError
+from rwray.errors import DataError
 
 Variant = Literal["cifar10", "cifar100"]
 

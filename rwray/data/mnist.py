@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from rwray.data import DataError
+from rwray.errors import DataError
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",

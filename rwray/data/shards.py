@@ -24,7 +24,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -32,14 +32,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from rwray.data import DataError
+from rwray.errors import DataError
 from rwray.data.longtail import longtail_counts, select_per_class
 from rwray.data.noise import corrupt_labels
 from rwray.data.sources import SOURCES, RawData
 from rwray.registry import Params
 
-if TYPE_CHECKING:
-    from rwray.methods.base import DataInfo
+from rwray.datainfo import DataInfo
 
 FORMAT = "rwray-shards/1"
 MANIFEST = "manifest.json"
@@ -390,7 +389,7 @@ class Manifest:
         return [str(self.dir / s["file"]) for s in self.split(split)["shards"]]
 
     def data_info(self) -> "DataInfo":
-        from rwray.methods.base import DataInfo  # lazy: keeps torch out of `rwray data ...` commands
+        from rwray.datainfo import DataInfo
 
         return DataInfo(
             num_classes=self.num_classes,

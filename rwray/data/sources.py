@@ -14,7 +14,8 @@ from typing import Annotated, Literal, NamedTuple
 import numpy as np
 from pydantic import Field
 
-from rwray.data import DataError, biased, cifar, mnist
+from rwray.data import biased, cifar, mnist
+from rwray.errors import DataError
 from rwray.registry import Params, Registry, union_of
 
 

@@ -7,7 +7,7 @@ prior adds the same constant to every logit, which softmax ignores: it is CE exa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,7 @@ from rwray.losses.base import PerSampleLoss
 from rwray.losses.class_balanced import class_counts
 from rwray.registry import Params
 
-if TYPE_CHECKING:  # annotation only: a runtime import would add an edge to the losses <-> methods import cycle
-    from rwray.methods.base import DataInfo
+from rwray.datainfo import DataInfo
 
 
 class BalancedSoftmaxParams(Params):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from rwray.losses.base import PerSampleLoss
 from rwray.registry import Params
 
-if TYPE_CHECKING:  # methods import losses; losses only need the type
-    from rwray.methods.base import DataInfo
+from rwray.datainfo import DataInfo
 
 
 class CEParams(Params):

@@ -9,7 +9,7 @@ The per-sample loss is w_{y_i} · CE_i — not divided by Σ w, because the batc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 from pydantic import Field
@@ -18,8 +18,7 @@ from rwray.losses.base import PerSampleLoss
 from rwray.losses.ce import cross_entropy
 from rwray.registry import Params
 
-if TYPE_CHECKING:  # annotation only: a runtime import would add an edge to the losses <-> methods import cycle
-    from rwray.methods.base import DataInfo
+from rwray.datainfo import DataInfo
 
 
 def class_counts(info: DataInfo) -> torch.Tensor:

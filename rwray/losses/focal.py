@@ -6,7 +6,7 @@ come from stacking (e.g. ABSGD) or from cb_ce.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -15,8 +15,7 @@ from rwray.losses.base import PerSampleLoss
 from rwray.losses.ce import cross_entropy
 from rwray.registry import Params
 
-if TYPE_CHECKING:  # annotation only: a runtime import would add an edge to the losses <-> methods import cycle
-    from rwray.methods.base import DataInfo
+from rwray.datainfo import DataInfo
 
 
 class FocalParams(Params):

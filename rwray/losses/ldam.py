@@ -14,7 +14,7 @@ DRW: with `drw_epoch` set, w = 1 before that epoch and the class-balanced weight
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,7 @@ from rwray.losses.base import PerSampleLoss
 from rwray.losses.class_balanced import DeferredClassWeights, class_balanced_weights, class_counts
 from rwray.registry import Params
 
-if TYPE_CHECKING:  # annotation only: a runtime import would add an edge to the losses <-> methods import cycle
-    from rwray.methods.base import DataInfo
+from rwray.datainfo import DataInfo
 
 
 class LDAMParams(Params):

@@ -9,7 +9,7 @@ Defaults α = 0.1, β = 1.0 are the SCE paper's CIFAR-10 setting (its CIFAR-100 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,7 @@ from pydantic import Field, model_validator
 from rwray.losses.base import PerSampleLoss
 from rwray.registry import Params
 
-if TYPE_CHECKING:  # annotation only: a runtime import would add an edge to the losses <-> methods import cycle
-    from rwray.methods.base import DataInfo
+from rwray.datainfo import DataInfo
 
 PROB_FLOOR = 1e-7  # p clamped to [PROB_FLOOR, 1]
 LABEL_FLOOR = 1e-4  # one-hot clamped to [LABEL_FLOOR, 1] before the log: log 0 -> log 1e-4 ≈ −9.21

@@ -16,7 +16,7 @@ nor the ABSGD weights (they are invariant to adding a constant to all losses), s
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -25,8 +25,7 @@ from rwray.losses.base import PerSampleLoss
 from rwray.losses.ce import cross_entropy
 from rwray.registry import Params
 
-if TYPE_CHECKING:  # annotation only: a runtime import would add an edge to the losses <-> methods import cycle
-    from rwray.methods.base import DataInfo
+from rwray.datainfo import DataInfo
 
 
 class LqParams(Params):

@@ -1,7 +1,8 @@
 """Registry of reweighting methods: one file each, one entry here, one test file in tests/."""
 
 from rwray.methods import absgd, erm, rebias
-from rwray.methods.base import DataInfo, Method, StepInputs, StepOutput, weighted_loss
+from rwray.datainfo import DataInfo
+from rwray.methods.base import Method, StepInputs, StepOutput, weighted_loss
 from rwray.registry import Registry, union_of
 
 METHODS: Registry[Method] = Registry("method")

@@ -15,7 +15,7 @@ Our weights are relative to ERM (the loop takes mean_i(w_i ℓ_i)), so w_i = B �
   p_i += 1/B (w_i += 1) is switched on automatically so no sample's gradient vanishes; `floor` overrides that.
   Note the floor makes the weights sum to about 2B, as in the reference code (an effective LR factor of ~2).
 * λ = 0 is rejected: exp(ℓ/λ) is undefined there (λ → 0⁺ is max-loss training).
-* Two stages: `init_lambda` before `lambda_epoch`, `lam` from it on (reference recipe: 200, i.e. ERM, then λ at
+* Two stages: `init_lam` before `lam_epoch`, `lam` from it on (reference recipe: 200, i.e. ERM, then λ at
   epoch 160). u restarts from 0 whenever the active λ changes: the reference computes a plain mean loss while
   λ ≥ 200 and only starts its estimator at the switch, and an estimate of mean exp(ℓ/λ) made under a different λ is
   meaningless under the new one.
@@ -37,10 +37,11 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from rwray import dist
+from rwray import dist, plots
 from rwray.losses import LOSSES, LossConfig
 from rwray.losses.ce import CEParams
-from rwray.methods.base import DataInfo, Method, StepInputs, StepOutput
+from rwray.datainfo import DataInfo
+from rwray.methods.base import Method, StepInputs, StepOutput
 from rwray.registry import Params
 
 ERM_LAMBDA = 200.0  # λ ≥ this (or unset) means plain ERM, as in the reference code
@@ -77,13 +78,13 @@ class ABSGDParams(Params):
     name: Literal["absgd"] = "absgd"
     loss: LossConfig = CEParams()
     lam: float | None = Field(None, description="λ; None or ≥ 200: ERM; < 0: noisy-label variant")
-    init_lambda: float | None = Field(None, description="λ before lambda_epoch (None or ≥ 200: ERM)")
-    lambda_epoch: int | None = Field(None, ge=0, description="epoch at which lam replaces init_lambda")
+    init_lam: float | None = Field(None, description="λ before lam_epoch (None or ≥ 200: ERM)")
+    lam_epoch: int | None = Field(None, ge=0, description="epoch at which lam replaces init_lam")
     gamma: float = Field(0.9, gt=0.0, le=1.0, description="moving-average rate of u")
     alpha: float = Field(1.0, gt=0.0, description="scale of the u update (steady-state weights ~ 1/alpha)")
     floor: bool | None = Field(None, description="uniform floor w += 1; None: on exactly when the active λ < 0")
 
-    @field_validator("lam", "init_lambda")
+    @field_validator("lam", "init_lam")
     @classmethod
     def _nonzero(cls, v: float | None) -> float | None:
         if v is not None and (v == 0 or math.isnan(v)):
@@ -95,8 +96,8 @@ class ABSGDParams(Params):
 
     @model_validator(mode="after")
     def _stages(self) -> "ABSGDParams":
-        if self.init_lambda is not None and self.lambda_epoch is None:
-            raise ValueError("ABSGD init_lambda is only used before lambda_epoch: set lambda_epoch too")
+        if self.init_lam is not None and self.lam_epoch is None:
+            raise ValueError("ABSGD init_lam is only used before lam_epoch: set lam_epoch too")
         return self
 
 
@@ -119,8 +120,8 @@ class ABSGD(Method):
     # ----- stages -----------------------------------------------------------------------------------------------
     def lambda_at(self, epoch: int) -> float | None:
         p = self.params
-        if p.lambda_epoch is not None and epoch < p.lambda_epoch:
-            return p.init_lambda
+        if p.lam_epoch is not None and epoch < p.lam_epoch:
+            return p.init_lam
         return p.lam
 
     def floor_for(self, lam: float) -> bool:
@@ -171,40 +172,10 @@ class ABSGD(Method):
         """absgd_class_weights.png: per-class mean weight, classes ordered head → tail, one line per epoch."""
         if not self.history:
             return []
-        # Figure + Agg canvas directly: no pyplot, so no global backend switch and no figure registry to leak into.
-        import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.cm import ScalarMappable
-        from matplotlib.colors import Normalize
-        from matplotlib.figure import Figure
-
-        counts = self.info.class_counts
-        order = sorted(range(len(counts)), key=lambda c: (-counts[c], c))  # head (most samples) first
-        fig = Figure(figsize=(8, 4.5))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        first, last = self.history[0][0], self.history[-1][0]
-        norm = Normalize(vmin=first, vmax=last if last > first else first + 1)  # colour = epoch
-        cmap = matplotlib.colormaps["viridis"]
-        xs = list(range(len(order)))
-        for epoch, means in self.history:
-            ax.plot(xs, [means[c] for c in order], color=cmap(norm(epoch)), linewidth=1.0, marker="." if len(xs) <= 20 else None)
-        finite = [m for _, means in self.history for m in means if not math.isnan(m)]
-        if finite and min(finite) > 0 and max(finite) / min(finite) > 20:  # small λ spreads weights over decades
-            ax.set_yscale("log")
-        ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8, label="ERM (w = 1)")
-        if len(xs) <= 20:
-            ax.set_xticks(xs, [f"{c}\n({counts[c]})" for c in order], fontsize=7)
-        ax.set_xlabel("class, head → tail (training count)")
-        ax.set_ylabel("mean ABSGD weight (relative to ERM)")
-        ax.set_title(f"ABSGD per-class mean weight, {len(self.history)} epoch(s)")
-        ax.legend(loc="upper left", fontsize=8)
-        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="epoch")
-        fig.tight_layout()
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, "absgd_class_weights.png")
-        fig.savefig(path, dpi=120)
-        return [path]
+        path = plots.class_weights_by_epoch(
+            self.history, self.info.class_counts, f"ABSGD per-class mean weight, {len(self.history)} epoch(s)",
+            "mean ABSGD weight (relative to ERM)", os.path.join(out_dir, "absgd_class_weights.png"))
+        return [str(path)]
 
     # ----- checkpointing ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

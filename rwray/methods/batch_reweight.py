@@ -61,11 +61,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from rwray import dist
+from rwray import dist, plots
 from rwray.losses import LOSSES, LossConfig
 from rwray.losses.ce import CEParams
 from rwray.methods import gram as gm
-from rwray.methods.base import DataInfo, Method, Prepare, StepInputs, StepOutput
+from rwray.datainfo import DataInfo
+from rwray.methods.base import Method, Prepare, StepInputs, StepOutput
 from rwray.registry import Params
 
 
@@ -286,37 +287,11 @@ class BatchReweight(Method):
             "class": pa.array(self._cls[seen].numpy(), pa.int64()),
             "n_scored": pa.array(self._count[seen].numpy(), pa.int64()),
         }), pqt)
-        return [pqt, npy, self._plot(table, os.path.join(out_dir, "pscore_per_class.png"))]
-
-    def _plot(self, table: torch.Tensor, path: str) -> str:
-        """Box plot of the samples' mean p-scores per class, classes head -> tail, training counts on the axis."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        counts = self.info.class_counts
-        order = sorted(range(len(counts)), key=lambda c: (-counts[c], c))  # head (most samples) first
-        cls = table[:, 2].long()
-        data = [table[cls == c, 1].numpy() for c in order]
-        fig = Figure(figsize=(max(6.0, 0.4 * len(order)), 4.5))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        xs = list(range(1, len(order) + 1))
-        nonempty = [(x, d) for x, d in zip(xs, data) if len(d)]
-        if nonempty:
-            ax.boxplot([d for _, d in nonempty], positions=[x for x, _ in nonempty], widths=0.6, showfliers=True,
-                       flierprops={"markersize": 2})
-        means = [float(d.mean()) if len(d) else math.nan for d in data]
-        ax.plot(xs, means, "o", color="tab:red", markersize=4, label="mean")
-        if len(order) <= 30:
-            ax.set_xticks(xs, [f"{c}\n({counts[c]})" for c in order], fontsize=7)
-        ax.set_xlim(0.3, len(order) + 0.7)
-        ax.set_xlabel("class, head → tail (training count)")
-        ax.set_ylabel("p-score averaged over epochs")
-        ax.set_title(f"batch reweighting p-scores (gamma={self.params.gamma}), {self.epochs} epoch(s)")
-        ax.legend(loc="upper right", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        return path
+        png = plots.score_boxes_per_class(
+            table[:, 1].numpy(), table[:, 2].long().numpy(), self.info.class_counts,
+            f"batch reweighting p-scores (gamma={self.params.gamma}), {self.epochs} epoch(s)",
+            "p-score averaged over epochs", os.path.join(out_dir, "pscore_per_class.png"))
+        return [pqt, npy, str(png)]
 
     # ----- checkpointing ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

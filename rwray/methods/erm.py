@@ -8,7 +8,8 @@ import torch
 
 from rwray.losses import LOSSES, LossConfig
 from rwray.losses.ce import CEParams
-from rwray.methods.base import DataInfo, Method, StepInputs, StepOutput
+from rwray.datainfo import DataInfo
+from rwray.methods.base import Method, StepInputs, StepOutput
 from rwray.registry import Params
 
 

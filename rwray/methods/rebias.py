@@ -59,7 +59,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from rwray import dist
-from rwray.methods.base import DataInfo, Method, Prepare, StepInputs, StepOutput
+from rwray.datainfo import DataInfo
+from rwray.methods.base import Method, Prepare, StepInputs, StepOutput
 from rwray.methods.hsic import MIN_SAMPLES, Estimator, hsic, median_sigma
 from rwray.models.simple_conv import SimpleConvNet, SimpleConvParams
 from rwray.registry import Params

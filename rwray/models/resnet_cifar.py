@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from rwray.methods.base import DataInfo
+from rwray.datainfo import DataInfo
 from rwray.models.layers import Norm, head, norm2d
 from rwray.registry import Params
 

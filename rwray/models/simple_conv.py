@@ -14,7 +14,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from rwray.methods.base import DataInfo
+from rwray.datainfo import DataInfo
 from rwray.models.layers import Norm, norm2d
 from rwray.registry import Params
 

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from rwray.methods.base import DataInfo
+from rwray.datainfo import DataInfo
 from rwray.models.layers import Norm, head, norm2d
 from rwray.registry import Params
 

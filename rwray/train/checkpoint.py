@@ -13,27 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+
+from rwray.errors import CheckpointError, NotACheckpoint
 
 STATE = "state.pt"
 CONFIG = "config.yaml"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's reported checkpoints
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded safely or at all; the message names the file and the fix."""
-
-    def __init__(self, path: str, reason: str):
-        self.path, self.reason = path, reason
-        super().__init__(f"refusing to load checkpoint {path}: {reason}")
-
-    def __reduce__(self):  # raised in a Ray worker, re-raised on the driver with its fields
-        return type(self), (self.path, self.reason)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare module inside a DDP wrapper (its state_dict keys carry no 'module.' prefix)."""
-    return model.module if hasattr(model, "module") else model
 
 
 def save(directory: str | Path, state: dict[str, Any], config_yaml: str) -> None:
@@ -46,7 +31,7 @@ def save(directory: str | Path, state: dict[str, Any], config_yaml: str) -> None
 def load(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / STATE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not an rwray checkpoint (no {STATE}); point resume= at a "
+        raise NotACheckpoint(f"{directory} is not an rwray checkpoint (no {STATE}); point resume= at a "
                                 f"checkpoint_* directory under the run's output_dir/ray folder")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

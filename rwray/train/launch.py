@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from rwray.config import Config, ConfigError
-from rwray.data import DataError, Manifest, prepare, verify
+from rwray.config import Config
+from rwray.data import Manifest, prepare, verify
+from rwray.errors import CheckpointError, ConfigError, DataError, Interrupted, NotACheckpoint, RwrayError
 
 
 @dataclass
@@ -117,19 +118,6 @@ def _datasets(manifest: Manifest) -> dict[str, Any]:
     return out
 
 
-class Interrupted(KeyboardInterrupt):
-    """The run was stopped from outside: SIGTERM (`kill`, `ray job stop`, a scheduler's preemption notice), Ctrl-C,
-    or its Ray Train controller killed on purpose (a Tune scheduler ending the trial, `ray.kill`). Raised so the
-    driver unwinds like on Ctrl-C: the MLflow run is marked KILLED (resumable), not FAILED."""
-
-    def __init__(self, reason: str = "stopped by SIGTERM"):
-        self.reason = reason
-        super().__init__(reason)
-
-    def __reduce__(self):
-        return type(self), (self.reason,)
-
-
 def _stopped_from_outside(err: BaseException) -> bool:
     """Ray reports a deliberately killed actor (ray.kill, a Tune trial stopped by its scheduler) as died with exit
     type INTENDED; a crash says SYSTEM_ERROR. Only the message carries it."""
@@ -158,13 +146,12 @@ def _signals() -> Iterator[None]:
         signal.signal(signal.SIGINT, old_int)
 
 
-def fatal_types() -> tuple[type[BaseException], ...]:
-    """Errors a restart would only repeat: Ray Train's max_failures is for lost workers, not for these."""
-    from rwray.train.checkpoint import CheckpointError
-    from rwray.train.loop import BatchTooLarge, NonFiniteLoss
+BUGS = (TypeError, NameError, AttributeError, ImportError, AssertionError, NotImplementedError)
 
-    return (NonFiniteLoss, BatchTooLarge, CheckpointError, DataError, ConfigError,
-            TypeError, NameError, AttributeError, ImportError, AssertionError, NotImplementedError)
+
+def is_fatal(err: BaseException) -> bool:
+    """Errors a restart would only repeat: Ray Train's max_failures is for lost workers, not for these."""
+    return isinstance(err, BUGS) or (isinstance(err, RwrayError) and not err.retryable)
 
 
 def _stop_on_fatal_errors():
@@ -174,10 +161,9 @@ def _stop_on_fatal_errors():
 
     class StopOnFatalErrors(ray.train.UserCallback):
         def after_exception(self, run_context, worker_exceptions):
-            fatal = fatal_types()
             for err in worker_exceptions.values():
                 cause = root_cause(err)
-                if isinstance(cause, fatal):
+                if is_fatal(cause):
                     raise cause
 
     return StopOnFatalErrors()
@@ -219,19 +205,18 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
     tracking.preflight(uri)  # before anything is written or computed
     if cfg.resume is not None:
         if not (cfg.resume / checkpoint.STATE).is_file():
-            raise FileNotFoundError(f"resume={cfg.resume} is not an rwray checkpoint (no {checkpoint.STATE}); use a "
+            raise NotACheckpoint(f"resume={cfg.resume} is not an rwray checkpoint (no {checkpoint.STATE}); use a "
                                     f"checkpoint_* folder under {cfg.storage('ray')}")
         try:
             checkpoint.load(cfg.resume)  # refuse an unsafe or unreadable file here, not in every worker
-        except checkpoint.CheckpointError as e:
+        except CheckpointError as e:
             raise ConfigError([f"resume: {e}"], "resume") from None
     manifest = ensure_data(cfg)
-    max_failures = getattr(cfg.train, "max_failures", 3)
-    flush_s = float(getattr(cfg.tracking, "flush_timeout_s", 300.0))
+    flush_s = cfg.tracking.flush_timeout_s
     run_tags = {**({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}), **(tags or {})}
     with tracking.RunLock(cfg):
         handle = tracking.start_or_resume(cfg, uri, manifest.sha256, run_tags,
-                                          auto_resume=getattr(cfg.train, "auto_resume", True))
+                                          auto_resume=cfg.train.auto_resume)
         run_id = handle.run_id
         if handle.resumed:
             print(f"continuing run {tracking.run_name(cfg)!r} ({run_id[:8]}) from {handle.checkpoint}", flush=True)
@@ -249,7 +234,7 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
                 trainer = TorchTrainer(
                     train_loop_per_worker,
                     train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
-                                       "spool_dir": spool, "flush_timeout_s": flush_s,
+                                       "spool_dir": spool,
                                        "status_dir": os.environ.get("RWRAY_WORKER_STATUS_DIR")},
                     scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers,
                                                            use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources),
@@ -258,7 +243,7 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
                         # checkpoint for a restarted driver (ray.train.get_checkpoint() in the loop).
                         name=handle.ray_name, storage_path=cfg.storage("ray"),
                         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                         logging_config=ray.train.LoggingConfig(log_level="WARNING"),
                         callbacks=[_stop_on_fatal_errors(), *callbacks]),
                     datasets=_datasets(manifest),

@@ -27,8 +27,9 @@ from torch import nn
 from rwray import dist
 from rwray.config import Config
 from rwray.data.augment import augment, decode, normalize
+from rwray.errors import BatchTooLarge, NonFiniteLoss
 from rwray.methods import METHODS, Method, StepInputs, weighted_loss
-from rwray.methods.base import DataInfo
+from rwray.datainfo import DataInfo
 from rwray.bias_metrics import bias_cell_counts, summarize_bias_cells
 from rwray.metrics import confusion_matrix, per_class_accuracy, summarize
 from rwray.models import MODELS
@@ -38,37 +39,8 @@ from rwray.train import checkpoint
 CORE_COLUMNS = ("image", "label", "index")
 
 
-class NonFiniteLoss(FloatingPointError):
-    def __init__(self, epoch: int, step: int, indices: list[int]):
-        self.epoch, self.step, self.indices = epoch, step, indices
-        super().__init__(
-            f"non-finite loss at epoch {epoch}, step {step}, for sample index {indices[:20]}"
-            f"{' ...' if len(indices) > 20 else ''}. Inspect those samples (shard column 'index'), lower optim.lr, "
-            f"or check the method's parameters (e.g. ABSGD lambda). Training stopped; the last checkpoint is intact.")
-
-    def __reduce__(self):  # crosses process boundaries (Ray worker -> driver) with its fields intact
-        return type(self), (self.epoch, self.step, self.indices)
-
-
 # torch.cuda.OutOfMemoryError is torch.OutOfMemoryError (every accelerator's); the name exists on CPU builds too.
 OOM = torch.OutOfMemoryError
-
-
-class BatchTooLarge(MemoryError):
-    """Out of accelerator memory, re-raised naming the config field to lower (the raw CUDA message does not)."""
-
-    def __init__(self, field: str, size: int, where: str, grad_accum: int = 1, detail: str = ""):
-        self.field, self.size, self.where, self.grad_accum, self.detail = field, size, where, grad_accum, detail
-        half = max(1, size // 2)
-        keep = (f" and train.grad_accum={2 * grad_accum} to keep the effective batch" if field == "data.batch_size"
-                else "")
-        super().__init__(
-            f"out of accelerator memory {where} with {field}={size} per worker{f' ({detail})' if detail else ''}. "
-            f"Fix: lower {field} (e.g. {field}={half}{keep}), or use a smaller model, or a GPU with more memory. "
-            f"The last checkpoint is intact.")
-
-    def __reduce__(self):
-        return type(self), (self.field, self.size, self.where, self.grad_accum, self.detail)
 
 
 def _oom(field: str, size: int, where: str, grad_accum: int, err: BaseException) -> BatchTooLarge:
@@ -291,7 +263,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     if restored is not None:
         with restored.as_directory() as d:
             state = checkpoint.load(d)
-        checkpoint.unwrap(model).load_state_dict(state["model"])
+        dist.unwrap(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         method.load_state_dict(state["method"])
@@ -359,7 +331,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                state = {"model": checkpoint.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                state = {"model": dist.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "method": method.state_dict(), "epoch": epoch, "best": best,
                          "history": history}
                 checkpoint.save(tmp, state, cfg.to_yaml())
@@ -374,7 +346,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
 
     if rank == 0:
         _log_final_artifacts(log, model, method, manifest, best, classes, info)
-        log.close(job.get("flush_timeout_s", 300.0))
+        log.close(cfg.tracking.flush_timeout_s)
 
 
 def progress_line(epoch: int, epochs: int, m: dict[str, float], select: str) -> str:
@@ -391,7 +363,7 @@ def _log_final_artifacts(log, model, method, manifest, best, classes, info) -> N
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        torch.save(checkpoint.unwrap(model).state_dict(), tmp / "model.pt")
+        torch.save(dist.unwrap(model).state_dict(), tmp / "model.pt")
         log.artifact(tmp / "model.pt", "checkpoints/last")
         cm = best["cms"]["test"]
         acc = per_class_accuracy(cm).nan_to_num(0).tolist()
