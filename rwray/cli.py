@@ -17,8 +17,6 @@ data_app = typer.Typer(no_args_is_help=True, help="Build and check Parquet shard
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
-JOBS = Path(__file__).resolve().parent.parent / "jobs"
-
 
 @contextmanager
 def friendly_errors() -> Iterator[None]:
@@ -110,7 +108,7 @@ def data_verify(directory: Path) -> None:
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def train(config: Path = typer.Argument(..., help="job YAML (see jobs/)"),
+def train(config: Path = typer.Argument(..., help="job YAML (see jobs/), or a bundled recipe: quickstart"),
           overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides, e.g. optim.lr=0.05")) -> None:
     """Train a job on Ray (RAY_ADDRESS or a local Ray) and record it in MLflow."""
     from rwray import config as C
@@ -170,7 +168,7 @@ def report_cmd(table: Path = typer.Argument(..., help="table YAML"),
         sys.stdout.write(report(table, out, run_id, overrides or [], into))
 
 
-QUICKSTART = ("quickstart.yaml", "quickstart_balanced_softmax.yaml")  # ERM, then one reweighting method on the same data
+QUICKSTART = ("quickstart", "quickstart_balanced_softmax")  # bundled recipes: ERM, then a reweighting method, same data
 
 
 @app.command()
@@ -182,7 +180,7 @@ def quickstart(epochs: Optional[int] = typer.Option(None, help="override train.e
 
     with friendly_errors():
         overrides = [f"scaling.num_workers={workers}"] + ([f"train.epochs={epochs}"] if epochs else [])
-        configs = [C.load(JOBS / name, overrides) for name in QUICKSTART]  # validate both before running either
+        configs = [C.load(name, overrides) for name in QUICKSTART]  # validate both before running either
         results = []
         for cfg in configs:
             console.print(f"\n[bold]{cfg.name}[/]: {cfg.method.name} with {cfg.method.loss.name} loss", highlight=False)

@@ -299,11 +299,30 @@ def validate(raw: dict[str, Any], source: str = "config") -> Config:
     return Config.model_validate(raw)
 
 
-def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Read a job YAML, apply overrides, validate. Raises ConfigError listing every problem."""
+# Jobs shipped inside the package (package data), so `rwray quickstart` / `rwray train quickstart` work from any
+# install, not only from a checkout that has jobs/.
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def find_job(path: str | Path) -> Path:
+    """A job file: the path itself, else the bundled recipe of that name (``quickstart``)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"no such job file: {path} (see jobs/ for examples)"], str(path))
+    if path.is_file():
+        return path
+    if path.parent == Path(".") and (RECIPES / f"{path.stem}.yaml").is_file() and path.suffix in ("", ".yaml"):
+        return RECIPES / f"{path.stem}.yaml"
+    raise ConfigError([f"no such job file: {path} (give a job YAML, e.g. from jobs/, or a bundled recipe: "
+                       f"{', '.join(recipes())})"], str(path))
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a job YAML (or a bundled recipe by name), apply overrides, validate. Raises ConfigError listing every
+    problem."""
+    path = find_job(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

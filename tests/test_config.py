@@ -7,8 +7,9 @@ import yaml
 
 from rwray import config as C
 
-# every job file; jobs/tables/ holds table files (lists of jobs), checked by tests/test_tables.py
-JOBS = sorted(p for p in (Path(__file__).parent.parent / "jobs").rglob("*.yaml") if p.parent.name != "tables")
+# every job file (and the recipes bundled in the package); jobs/tables/ holds table files, checked by test_tables.py
+JOBS = sorted([*(p for p in (Path(__file__).parent.parent / "jobs").rglob("*.yaml") if p.parent.name != "tables"),
+               *C.RECIPES.glob("*.yaml")])
 MINIMAL = {"data": {"dir": "d"}, "model": {"name": "small_cnn"}}
 
 
@@ -21,6 +22,32 @@ def test_every_job_file_validates(job):
 
 def test_jobs_exist():
     assert any(j.name == "quickstart.yaml" for j in JOBS)
+
+
+def test_a_bundled_recipe_loads_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no jobs/ here: the recipe comes from the package
+    assert C.recipes() == ["quickstart", "quickstart_balanced_softmax"]
+    cfg = C.load("quickstart", ["train.epochs=3"])
+    assert cfg.name == "quickstart-erm" and cfg.train.epochs == 3
+    assert C.load("quickstart.yaml") == C.load("quickstart")
+    with pytest.raises(C.ConfigError, match="bundled recipe: quickstart, quickstart_balanced_softmax"):
+        C.load("quickstrat")
+
+
+def test_reliability_fields_are_declared_typed_and_ranged():
+    """train.max_failures, train.auto_resume and tracking.flush_timeout_s (docs/reliability.md) are schema fields:
+    settable by override, validated, defaulted."""
+    cfg = C.validate(MINIMAL)
+    assert (cfg.train.max_failures, cfg.train.auto_resume, cfg.tracking.flush_timeout_s) == (3, True, 300.0)
+    job = {**MINIMAL, "train": {"max_failures": 0, "auto_resume": False}, "tracking": {"flush_timeout_s": 5}}
+    cfg = C.validate(job)
+    assert (cfg.train.max_failures, cfg.train.auto_resume, cfg.tracking.flush_timeout_s) == (0, False, 5.0)
+    bad = {**MINIMAL, "train": {"max_failures": -1, "auto_resume": "sometimes"}, "tracking": {"flush_timeout_s": 0}}
+    with pytest.raises(C.ConfigError) as e:
+        C.validate(bad)
+    assert len(e.value.problems) == 3
+    assert all(any(p.startswith(k) for p in e.value.problems)
+               for k in ("train.max_failures", "train.auto_resume", "tracking.flush_timeout_s"))
 
 
 def test_override_round_trip(tmp_path):
