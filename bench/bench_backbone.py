@@ -1,10 +1,10 @@
 """Backbone benchmarks, measured side by side in one run (ratios only; never compare absolute times across runs).
 
 1. Ingest: the product's train input (Parquet shards read by Ray Data and materialised once, streamed to the
-   worker on its first epoch and kept, each epoch cut in its seeded order by `rwray.train.loop.TrainRows`) vs an
+   worker on its first epoch and kept, each epoch cut in its seeded order by `rwray.train.batches.TrainRows`) vs an
    in-memory uint8 tensor loader over the same 50k CIFAR-shaped samples, both followed by the same batched
    crop+flip+normalise.
-2. Ray overhead: the same training loop (`rwray.train.loop.train_epoch`, ResNet-32, B=128) for one epoch inside a
+2. Ray overhead: the same training loop (`rwray.train.epoch.train_epoch`, ResNet-32, B=128) for one epoch inside a
    1-worker TorchTrainer vs in this plain process, same thread count, same in-memory data.
 
     .venv/bin/python bench/bench_backbone.py            # writes docs/benchmarks-backbone.md
@@ -68,14 +68,14 @@ def bench_ingest(epochs: int = 5) -> dict:
     Each epoch is timed beside one in-memory epoch, order flipped every epoch."""
     import ray
 
-    from rwray.train.launch import quiet_data
-    from rwray.train.loop import Images, TrainRows
+    from rwray.train.batches import Images, TrainRows
+    from rwray.train.rayenv import quiet_data
 
     m = shards(5000, "synthetic-50k")
     img, lab, idx = load_train(m)
     images = Images(m.data_info(), m.mean, m.std, torch.device("cpu"))
     quiet_data()
-    ds = ray.data.read_parquet(m.shard_paths("train"), shuffle=None).materialize()  # as rwray.train.launch does
+    ds = ray.data.read_parquet(m.shard_paths("train"), shuffle=None).materialize()  # as rwray.train.rayenv does
     train = TrainRows(lambda: ds.iter_torch_batches(batch_size=4096, prefetch_batches=2))  # as the loop builds it
     gen = torch.Generator().manual_seed(0)
     consume(memory_batches(img, lab, idx, gen), images, gen)  # warm-up of the shared decode + augmentation
@@ -106,7 +106,8 @@ def _epoch(manifest_dir: str, seed: int) -> float:
     from rwray.methods.erm import ERMParams
     from rwray.models import MODELS
     from rwray.models.resnet_cifar import ResNet32Params
-    from rwray.train.loop import Images, train_epoch
+    from rwray.train.batches import Images
+    from rwray.train.epoch import train_epoch
 
     m = Manifest.load(manifest_dir)
     info = m.data_info()
@@ -195,7 +196,7 @@ def main() -> None:
         f"{overhead['repeats']} epochs each. Load average (1 min) {load0:.1f} at the start, {os.getloadavg()[0]:.1f} "
         "at the end.",
         "",
-        "Ingest measures the product's own path (`rwray.train.loop.TrainRows`, what a worker does), not Ray Data's "
+        "Ingest measures the product's own path (`rwray.train.batches.TrainRows`, what a worker does), not Ray Data's "
         "`random_shuffle`: shards are read and materialised once by the driver; on its first epoch each worker "
         "streams the split from Ray Data in 4096-row blocks and keeps it, sorted by sample index; every epoch it "
         "takes its rows of the (seed, epoch) permutation, so a restarted epoch sees the same order. Both loaders "

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import rwray.gram as gm  # noqa: E402
 from rwray.datainfo import DataInfo  # noqa: E402
 from rwray.methods import METHODS, StepInputs, weighted_loss  # noqa: E402
-from rwray.methods import gram as gm  # noqa: E402
-from rwray.methods.batch_reweight import BatchReweightParams  # noqa: E402
+from rwray.methods.batch_reweight import BatchReweightParams, cosine, pscores  # noqa: E402
 from rwray.methods.erm import ERMParams  # noqa: E402
 from rwray.models.resnet_cifar import ResNet32Params, resnet32  # noqa: E402
 
@@ -197,12 +197,12 @@ def gram_compare(x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict:
     open_cap()
     in_step_fast()
     in_step_ref()
-    max_dS = (gm.cosine(state["G_fast"]) - gm.cosine(state["G_ref"])).abs().max().item()
-    same_p = torch.equal(gm.pscores(gm.cosine(state["G_fast"]), 0.7), gm.pscores(gm.cosine(state["G_ref"]), 0.7))
+    max_dS = (cosine(state["G_fast"]) - cosine(state["G_ref"])).abs().max().item()
+    same_p = torch.equal(pscores(cosine(state["G_fast"]), 0.7), pscores(cosine(state["G_ref"]), 0.7))
     # Which float32 result is closer to the float64 one (the fast path is exact in float64: tests/test_gram.py)?
     close_cap()
-    S64 = gm.cosine(gm.gram(copy.deepcopy(model).double(), x.double(), y, ce))
-    err32 = {k: (gm.cosine(state[f"G_{k}"]) - S64).abs().max().item() for k in ("fast", "ref")}
+    S64 = cosine(gm.gram(copy.deepcopy(model).double(), x.double(), y, ce))
+    err32 = {k: (cosine(state[f"G_{k}"]) - S64).abs().max().item() for k in ("fast", "ref")}
 
     # Time: the in-step pair shares one recorded forward per repeat; the standalone pair runs with no capture hooked.
     times: dict[str, list[float]] = {}
@@ -254,7 +254,7 @@ def report(steps: list[dict], g: dict, meta: dict) -> str:
     L += ["", "### Training step: batch reweighting / ERM", ""]
     L.append("A step is forward, `method.step`, `weighted_loss(...).backward()`, SGD step. Batch reweighting: defaults "
              "(all parameters, gamma 0.7, softmax weights, fast Gram). BatchNorm in training mode (the coupled "
-             "per-sample contribution, see `rwray/methods/gram.py`).")
+             "per-sample contribution, see `rwray/gram/__init__.py`).")
     L += ["", "| norm | variant | repeats | ERM step (s) | BR step (s) | ratio of medians | median of per-repeat "
           "ratios | CPU-time ratio | goal | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in steps:

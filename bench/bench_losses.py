@@ -39,9 +39,9 @@ from rwray.datainfo import DataInfo
 from rwray.methods.erm import ERMParams
 from rwray.models import MODELS
 from rwray.models.resnet_cifar import ResNet32Params
-from rwray.optim import build_optimizer
-from rwray.config import OptimConfig
-from rwray.train.loop import Batch, train_epoch
+from rwray.optim import OptimConfig, build_optimizer
+from rwray.train.batches import Batch
+from rwray.train.epoch import train_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
 # CIFAR-10-LT exp IF100 training counts (methods.md): Balanced Softmax's prior and the label distribution.
@@ -223,11 +223,11 @@ def main() -> None:
         "",
         "## Setup",
         "",
-        f"- Model: ResNet-32 (`rwray.models`, `resnet32`, linear head), SGD (lr 0.1, momentum 0.9, wd 2e-4), fp32, CPU.",
+        "- Model: ResNet-32 (`rwray.models`, `resnet32`, linear head), SGD (lr 0.1, momentum 0.9, wd 2e-4), fp32, CPU.",
         f"- Data: CIFAR-shaped random tensors, B = {args.batch}, 3×32×32; labels drawn from the CIFAR-10-LT exp IF100 "
         "prior (Balanced Softmax's `log n_c` uses those counts). Four fixed batches, the same batch for every variant "
         "within a round.",
-        "- One step = the product's `rwray.train.loop.train_epoch` over one batch: forward, `method.step`, finite "
+        "- One step = the product's `rwray.train.epoch.train_epoch` over one batch: forward, `method.step`, finite "
         "check, `weighted_loss`, backward, optimizer step. Methods built through the registry "
         "(`METHODS.build(params, DataInfo(...))`).",
         f"- Interleaved: {args.steps} timed rounds (+{args.warmup} warm-up); each round runs one step of every variant "

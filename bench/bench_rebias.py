@@ -1,7 +1,7 @@
 """ReBias step cost on CPU, measured side by side in one run (ratios only; never compare absolute times across runs).
 
 1. Step ratio: one ReBias training step / (one f ERM step + one g ERM step). Every step is one iteration of the real
-   loop body (`rwray.train.loop.train_epoch` on a one-batch list): forward f, `method.step`, weighted reduction,
+   loop body (`rwray.train.epoch.train_epoch` on a one-batch list): forward f, `method.step`, weighted reduction,
    backward, Adam step of f. For ReBias, `method.step` also does g's update (forward, CE − λ_g·HSIC, backward, Adam),
    one fresh g forward without gradient, and HSIC(f, g) whose gradient joins f's backward. The ERM steps run the same
    loop body with method `erm` on f (SimpleConvNet k=7) and on g (k=1). Goal ≤ 1.10: ReBias adds to the two ERM steps
@@ -53,9 +53,10 @@ def measure(args: argparse.Namespace) -> dict:
 
     from rwray.methods import METHODS
     from rwray.datainfo import DataInfo
-    from rwray.methods.hsic import hsic
+    from rwray.hsic import hsic
     from rwray.models.simple_conv import SimpleConvNet, SimpleConvParams
-    from rwray.train.loop import Batch, train_epoch
+    from rwray.train.batches import Batch
+    from rwray.train.epoch import train_epoch
 
     b, s, k = args.batch, args.size, 10
     info = DataInfo(num_classes=k, class_counts=(b,) * k, image_shape=(3, s, s), num_train=60000)
@@ -172,7 +173,7 @@ def main() -> int:
         f"1-minute load average before → after each run: {loads}). Scale: B={b}, 3x{sz}x{sz} images "
         f"({'digits' if sz == 8 else 'MNIST' if sz == 28 else 'custom'} scale), 10 classes, f = SimpleConvNet k=7, "
         "g = SimpleConvNet k=1, Adam for both, σ = 1, unbiased HSIC, one process. Each step is one iteration of "
-        f"`rwray.train.loop.train_epoch`; per run {args.repeats} interleaved repeats after {args.warmup} warm-up calls "
+        f"`rwray.train.epoch.train_epoch`; per run {args.repeats} interleaved repeats after {args.warmup} warm-up calls "
         "each; median (interquartile range) of the thread's CPU time in ms. Two runs, each in a fresh process: glibc malloc defaults, and "
         "malloc thresholds raised (`" + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items()) + "`).",
         "",

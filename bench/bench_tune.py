@@ -1,7 +1,7 @@
 """Tune overhead: a 4-trial sweep's wall time against 4 x one trial's wall time, same machine, same run.
 
 One trial's work, run alone: the job through `rwray.train.launch.run`, which is exactly what a Tune trial's driver
-calls (TorchTrainer start-up, training, evaluation, MLflow). The sweep: `rwray.tune.sweep` over a 4-value grid of
+calls (TorchTrainer start-up, training, evaluation, MLflow). The sweep: `rwray.sweep.sweep` over a 4-value grid of
 `optim.lr`, FIFO (no trial is stopped early), so it runs the same 4 jobs plus Tune's own machinery (trial actors,
 per-epoch results streamed back, the parent MLflow run, best.yaml and the summary). Ray is started once, before
 anything is timed, and the runs are interleaved (single, sweep, single, sweep, single) so load drifts hit both.
@@ -52,7 +52,7 @@ def single(i: int) -> float:
 
 
 def sweep(concurrent: int) -> float:
-    from rwray.tune import sweep as run_sweep
+    from rwray.sweep import sweep as run_sweep
 
     cfg = job(f"bench-sweep-c{concurrent}-{time.time_ns()}",
               tune={"space": {"optim.lr": {"grid": LRS}}, "metric": "val/balanced_acc", "mode": "max",
@@ -103,7 +103,8 @@ Running 2 trials at a time {concurrency}.
 def main() -> None:
     import ray
 
-    from rwray.train.launch import connect_ray, ensure_data, resolve_paths
+    from rwray.train.preflight import ensure_data, resolve_paths
+    from rwray.train.rayenv import connect_ray
 
     load0 = os.getloadavg()
     started = datetime.now(timezone.utc)

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import re
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = ROOT / "jobs" / "longtail"
 SECTION = "## Long-tailed digits: ERM vs reweighting"
+KEY = "results-longtail-digits"  # the section's markers in docs/results.md (rwray.report.replace_section)
 
 # key -> (label in the table, job file). Order = row order.
 METHODS = {
@@ -186,7 +186,8 @@ def val_tail_mean(uri: str, run_id: str, last: int = 5) -> float | None:
 def run_all(args: argparse.Namespace, res: dict, path: Path) -> None:
     import ray
 
-    from rwray.train.launch import ensure_data, quiet_data, resolve_paths
+    from rwray.train.preflight import ensure_data, resolve_paths
+    from rwray.train.rayenv import quiet_data
 
     t_start = time.perf_counter()
     # Once for the whole benchmark: each run then only pays the trainer's start-up. 4 logical CPUs so Ray Data's
@@ -444,18 +445,6 @@ def what_we_see(res: dict, args: argparse.Namespace) -> str:
     return "\n\n".join(out) if out else "No completed runs."
 
 
-def write_section(doc: Path, text: str) -> None:
-    """Replace our section (heading to the next '## ' heading) or append it; every other line stays as it was."""
-    old = doc.read_text() if doc.is_file() else "# Results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\s*$.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(new.rstrip("\n") + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # 20, not 30: every run pays ~30-60 s of trainer start-up plus ~2 s of Ray overhead per epoch on this shared
@@ -498,7 +487,9 @@ def main() -> None:
     args.seeds = meta.get("seeds", args.seeds)
     args.lambdas = meta.get("lambda_grid", args.lambdas)
     text = section(res, args)
-    write_section(args.doc, text)
+    from rwray.report import replace_section
+
+    replace_section(args.doc, KEY, text)
     print(text)
     print(f"wrote the section of {args.doc}", flush=True)
 

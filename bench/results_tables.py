@@ -20,7 +20,8 @@ DOC = ROOT / "docs" / "results.md"
 
 
 def main(argv: list[str]) -> int:
-    from rwray.reproduce import report, reproduce
+    from rwray.report import report
+    from rwray.reproduce import reproduce
 
     ap = argparse.ArgumentParser()
     ap.add_argument("tables", nargs="*", help="table stems (default: every jobs/tables/results_*.yaml)")

@@ -66,32 +66,18 @@ def data_prepare(
     overwrite: bool = typer.Option(False, help="replace an existing shard directory"),
 ) -> None:
     """Write train/val/test Parquet shards and a manifest from a source."""
-    from pydantic import ValidationError
-
-    from rwray.config import _describe
-    from rwray.errors import ConfigError
-    from rwray.data import SOURCES, BuilderParams, prepare
+    from rwray import config as C
+    from rwray.data import prepare
 
     with friendly_errors():
-        entry = SOURCES[source]
         raw = {"name": source, **_parse_pairs(param)}
         if root is not None:
             raw["root"] = str(root)
         if download:
             raw["download"] = True
-        braw = dict(imbalance=imbalance, factor=factor, val_per_class=val_per_class, seed=seed,
-                    label_noise=label_noise, noise_rate=noise_rate, rows_per_shard=rows_per_shard)
-        problems, params, builder = [], None, None
-        try:
-            params = entry.params.model_validate(raw)
-        except ValidationError as e:
-            problems += [f"source {_describe(err, raw)}" for err in e.errors()]
-        try:
-            builder = BuilderParams.model_validate(braw)
-        except ValidationError as e:
-            problems += [_describe(err, braw) for err in e.errors()]
-        if problems:
-            raise ConfigError(problems, "rwray data prepare")
+        params, builder = C.prepare_params(raw, dict(
+            imbalance=imbalance, factor=factor, val_per_class=val_per_class, seed=seed, label_noise=label_noise,
+            noise_rate=noise_rate, rows_per_shard=rows_per_shard), "rwray data prepare")
         m = prepare(params, out, builder, overwrite=overwrite)
         counts = {s: m.num_samples(s) for s in ("train", "val", "test")}
         console.print(f"wrote {out}: {counts}; train per class {m.class_counts('train')}")
@@ -125,7 +111,7 @@ def tune(config: Path = typer.Argument(..., help="job YAML with a tune: block (s
          overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides, e.g. tune.num_samples=8")) -> None:
     """Sweep a job's tune.space with Ray Tune (ASHA / random / grid / Optuna); each trial is a TorchTrainer."""
     from rwray import config as C
-    from rwray.tune import sweep
+    from rwray.sweep import sweep
 
     with friendly_errors():
         cfg = C.load(config, overrides or [])
@@ -146,7 +132,7 @@ def tune(config: Path = typer.Argument(..., help="job YAML with a tune: block (s
 def reproduce(table: Path = typer.Argument(..., help="table YAML (see jobs/tables/)"),
               overrides: Optional[List[str]] = typer.Argument(None, help="overrides applied to every row")) -> None:
     """Run a paper table's rows x seeds as one Ray Tune grid, then print the report."""
-    from rwray.reproduce import report
+    from rwray.report import report
     from rwray.reproduce import reproduce as run_table
 
     with friendly_errors():
@@ -162,7 +148,7 @@ def report_cmd(table: Path = typer.Argument(..., help="table YAML"),
                                                    "(e.g. docs/results.md)"),
                run_id: Optional[str] = typer.Option(None, help="a reproduction's MLflow run (default: the latest)")) -> None:
     """Markdown table of a reproduction: ours (mean +- std over seeds) beside the paper's numbers."""
-    from rwray.reproduce import report
+    from rwray.report import report
 
     with friendly_errors():
         sys.stdout.write(report(table, out, run_id, overrides or [], into))
@@ -193,14 +179,16 @@ def quickstart(epochs: Optional[int] = typer.Option(None, help="override train.e
 
 
 def _comparison(results) -> None:
+    from rwray.metrics import SUMMARY_KEYS, best_key, split_key
+
     t = Table(title="long-tailed digits, test split at the epoch chosen on validation (%)")
     for col in ("job", "method", "top1", "balanced", "many", "medium", "few"):
         t.add_column(col, justify="right")
     for cfg, r in results:
         m = r.metrics
+        keys = [best_key(split_key("test", k)) for k in SUMMARY_KEYS]
         t.add_row(cfg.name, f"{cfg.method.name}/{cfg.method.loss.name}",
-                  *(f"{100 * m[f'best/test/{k}']:.1f}" if f"best/test/{k}" in m else "-"
-                    for k in ("top1", "balanced_acc", "many_acc", "medium_acc", "few_acc")))
+                  *(f"{100 * m[k]:.1f}" if k in m else "-" for k in keys))
     Console().print(t)
 
 
@@ -229,19 +217,21 @@ def schema() -> None:
 
 
 def _summary(name: str, result) -> None:
+    from rwray.metrics import BEST_EPOCH, SUMMARY_KEYS, best_key, split_key
+
     m = result.metrics
-    t = Table(title=f"{name}: test metrics at the epoch chosen on validation (epoch {int(m.get('best/epoch', -1)) + 1})")
+    t = Table(title=f"{name}: test metrics at the epoch chosen on validation (epoch {int(m.get(BEST_EPOCH, -1)) + 1})")
     for col in ("split", "top1", "balanced", "many", "medium", "few"):
         t.add_column(col, justify="right")
 
     def pct(key: str) -> str:
         return f"{100 * m[key]:.1f}" if key in m else "-"
 
-    keys = ("top1", "balanced_acc", "many_acc", "medium_acc", "few_acc")
-    selected = sorted({k.split("/")[1] for k in m if k.startswith("best/") and k.endswith("/top1")})
-    for split in selected:  # test, and any extra test sets (e.g. test_unbiased), at the epoch chosen on val
-        t.add_row(f"{split} (selected)", *(pct(f"best/{split}/{k}") for k in keys))
-    t.add_row("val (last)", *(pct(f"val/{k}") for k in keys))
+    # test, and any extra test sets (e.g. test_unbiased), at the epoch chosen on val: best/<split>/top1 is logged
+    selected = sorted({k.split("/")[1] for k in m if k.startswith(best_key("")) and k.endswith("/top1")})
+    for split in selected:
+        t.add_row(f"{split} (selected)", *(pct(best_key(split_key(split, k))) for k in SUMMARY_KEYS))
+    t.add_row("val (last)", *(pct(split_key("val", k)) for k in SUMMARY_KEYS))
     Console().print(t)
     console.print(f"MLflow run {result.run_id} in {result.tracking_uri}")
 

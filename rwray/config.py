@@ -13,12 +13,13 @@ from typing import Any, Literal, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rwray.data.shards import BuilderParams
-from rwray.errors import ConfigError
 from rwray.data.sources import SOURCES
+from rwray.data.splits import BuilderParams
+from rwray.errors import ConfigError
 from rwray.methods import MethodConfig
 from rwray.methods.erm import ERMParams
 from rwray.models import ModelConfig
+from rwray.optim import OptimConfig, ScheduleConfig
 from rwray.registry import union_of
 
 SourceConfig = union_of(SOURCES)
@@ -39,28 +40,6 @@ class DataConfig(Section):
     eval_batch_size: int = Field(512, ge=1)  # per worker
     augment: Literal["none", "flip", "crop_flip"] = "none"
     crop_padding: int = Field(4, ge=0)
-
-
-class OptimConfig(Section):
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
-    nesterov: bool = False
-    weight_decay: float = Field(2e-4, ge=0)
-
-
-class ScheduleConfig(Section):
-    name: Literal["step", "cosine", "constant"] = "step"
-    warmup_epochs: int = Field(0, ge=0)  # linear warm-up from lr/warmup_epochs to lr (LDAM/ABSGD recipe: 5)
-    milestones: list[int] = []  # step: multiply lr by gamma at each of these epochs
-    gamma: float = Field(0.1, gt=0, le=1)
-    min_lr: float = Field(0.0, ge=0)  # cosine floor
-
-    @model_validator(mode="after")
-    def _sorted(self) -> "ScheduleConfig":
-        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
-            raise ValueError("milestones must be strictly increasing")
-        return self
 
 
 class TrainConfig(Section):
@@ -290,6 +269,24 @@ def _space_problems(raw: dict[str, Any]) -> list[str]:
             new = bad + [e for e in _errors(changed) if e not in known]
             problems += [f"tune.space.{path}={v!r}: {e}" for e in new]
     return list(dict.fromkeys(problems))
+
+
+def prepare_params(source: dict[str, Any], builder: dict[str, Any], where: str) -> tuple[Any, BuilderParams]:
+    """A data source's parameters (``source["name"]`` picks it) and the split builder's, every problem of both at
+    once: what `rwray data prepare` validates before it reads a file."""
+    entry = SOURCES[source["name"]]
+    problems, params, built = [], None, None
+    try:
+        params = entry.params.model_validate(source)
+    except ValidationError as e:
+        problems += [f"source {_describe(err, source)}" for err in e.errors()]
+    try:
+        built = BuilderParams.model_validate(builder)
+    except ValidationError as e:
+        problems += [_describe(err, builder) for err in e.errors()]
+    if problems:
+        raise ConfigError(problems, where)
+    return params, built
 
 
 def validate(raw: dict[str, Any], source: str = "config") -> Config:

@@ -1,7 +1,18 @@
-"""Classification metrics from a confusion matrix.
+"""Exact evaluation metrics from count tensors, and the names they are logged under.
 
-Workers all-reduce their confusion matrices and every number is computed from the global one, so metrics are exact
-for any number of workers (never an average of per-worker accuracies).
+Workers all-reduce integer counts and every number is computed from the global ones, so metrics are exact for any
+number of workers (never an average of per-worker accuracies). Two kinds of counts:
+
+- a confusion matrix [K, K] (`confusion_matrix`): top-1, balanced and many/medium/few-shot accuracy;
+- (correct, total) per (class, bias attribute) cell [2, K, K_bias] (`bias_cell_counts`): how a classifier does on
+  bias-aligned vs bias-conflicting samples. "Aligned" means bias == label: the bias attribute's values are indexed
+  like the classes (Biased MNIST: colour c is class c's colour). For other datasets only the per-cell and cell-mean
+  numbers are meaningful.
+
+The metric keys (``train/loss``, ``val/balanced_acc``, ``best/test/few_acc``, ...) are built here and nowhere else:
+the training loop logs them, the CLI summary, sweeps and tables read them back.
+
+A leaf: imports nothing from rwray.
 """
 
 from __future__ import annotations
@@ -9,6 +20,40 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+# ------------------------------------------------------------------------------------------------------ metric keys
+
+TRAIN_LOSS = "train/loss"  # exact over workers; logged last in every epoch: the spool's "epoch complete" sentinel
+TRAIN_SAMPLES = "train/samples"
+TRAIN_MEAN_WEIGHT = "train/mean_weight"
+TRAIN_LR = "train/lr"
+SAMPLES_PER_S = "train/samples_per_s"
+EPOCH_S = "time/epoch_s"
+BEST_EPOCH = "best/epoch"  # the epoch chosen on validation (train.select_metric)
+SUMMARY_KEYS = ("top1", "balanced_acc", "many_acc", "medium_acc", "few_acc")  # what `summarize` returns, in order
+
+
+def split_key(split: str, name: str) -> str:
+    """A split's metric: ``val/balanced_acc``."""
+    return f"{split}/{name}"
+
+
+def class_acc_key(split: str, c: int) -> str:
+    """One class's accuracy on a split: ``test/class_acc/9``."""
+    return f"{split}/class_acc/{c}"
+
+
+def bias_key(split: str, name: str) -> str:
+    """A bias-cell summary on a split: ``test_unbiased/bias/worst_cell_acc``."""
+    return f"{split}/bias/{name}"
+
+
+def best_key(metric: str) -> str:
+    """A metric at the epoch chosen on validation: ``best/val/balanced_acc``, ``best/test/few_acc``."""
+    return f"best/{metric}"
+
+
+# ------------------------------------------------------------------------------------------------ confusion matrix
 
 # Shot groups of the long-tail literature, by number of training samples of the class.
 MANY, FEW = 100, 20  # many: > 100, medium: 20..100, few: < 20
@@ -51,4 +96,69 @@ def summarize(cm: torch.Tensor, train_counts: Sequence[int]) -> dict[str, float]
         vals = vals[~torch.isnan(vals)]
         if len(vals):
             out[f"{group}_acc"] = float(vals.mean())
+    return out
+
+
+# ------------------------------------------------------------------------------------------- (class, bias) cells
+
+
+def bias_cell_counts(preds: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor, num_classes: int,
+                     num_bias: int) -> torch.Tensor:
+    """[B] predicted class, [B] true class, [B] bias index -> [2, K, K_bias] int64: [0] correct, [1] total."""
+    if not (preds.shape == labels.shape == bias.shape and preds.ndim == 1):
+        raise ValueError(f"preds, labels and bias must be [B] each, got {tuple(preds.shape)}, {tuple(labels.shape)}, "
+                         f"{tuple(bias.shape)}")
+    if bias.numel() and (int(bias.min()) < 0 or int(bias.max()) >= num_bias):
+        raise ValueError(f"bias values span [{int(bias.min())}, {int(bias.max())}], outside [0, {num_bias})")
+    cell = labels.long() * num_bias + bias.long()  # [B] flat cell id
+    size = num_classes * num_bias
+    total = torch.bincount(cell, minlength=size)  # [K * K_bias]
+    correct = torch.bincount(cell, weights=(preds.long() == labels.long()).double(), minlength=size).long()
+    return torch.stack([correct, total]).reshape(2, num_classes, num_bias)
+
+
+def bias_cell_accuracy(counts: torch.Tensor) -> torch.Tensor:
+    """[2, K, K_bias] counts -> [K, K_bias] float64 accuracy; NaN where a cell has no samples."""
+    correct, total = counts.double().unbind(0)
+    return torch.where(total > 0, correct / total.clamp(min=1), torch.full_like(total, float("nan")))
+
+
+def summarize_bias_cells(counts: torch.Tensor) -> dict[str, float]:
+    """Headline numbers of a [2, K, K_bias] count tensor (keys absent when no sample qualifies):
+
+    cell_mean_acc   mean accuracy over non-empty cells (each (class, bias) combination counts the same)
+    worst_cell_acc  the lowest non-empty cell's accuracy
+    aligned_acc     accuracy over samples whose bias index equals their label (pooled)
+    conflicting_acc accuracy over the other samples (pooled)
+    """
+    acc = bias_cell_accuracy(counts)  # [K, Kb]
+    present = ~torch.isnan(acc)
+    out: dict[str, float] = {}
+    if present.any():
+        out["cell_mean_acc"] = float(acc[present].mean())
+        out["worst_cell_acc"] = float(acc[present].min())
+    correct, total = counts.double().unbind(0)  # [K, Kb] each
+    k, kb = total.shape
+    aligned = torch.zeros(k, kb, dtype=torch.bool, device=total.device)
+    d = min(k, kb)
+    aligned[torch.arange(d), torch.arange(d)] = True  # cell (c, c)
+    for name, mask in (("aligned_acc", aligned), ("conflicting_acc", ~aligned)):
+        n = total[mask].sum()
+        if n > 0:
+            out[name] = float(correct[mask].sum() / n)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ one split's line
+
+
+def split_metrics(split: str, cm: torch.Tensor, cells: torch.Tensor | None,
+                  train_counts: Sequence[int]) -> dict[str, float]:
+    """Everything logged for one evaluated split: the [K, K] matrix's summary, each present class's accuracy and,
+    when the data has a bias attribute, the [2, K, K_bias] cells' summary."""
+    out = {split_key(split, k): v for k, v in summarize(cm, train_counts).items()}
+    acc = per_class_accuracy(cm)  # [K]; NaN where the split has no sample of the class
+    out.update({class_acc_key(split, c): float(a) for c, a in enumerate(acc) if not torch.isnan(a)})
+    if cells is not None:
+        out.update({bias_key(split, k): v for k, v in summarize_bias_cells(cells.cpu()).items()})
     return out

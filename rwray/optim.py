@@ -1,13 +1,41 @@
-"""Optimisers and learning-rate schedules, stepped once per epoch as in the LDAM/ABSGD recipes."""
+"""Optimisers and learning-rate schedules, stepped once per epoch as in the LDAM/ABSGD recipes: the job's `optim`
+and `schedule` sections, and what builds from them.
+
+The settings live here, not in rwray/config.py, so that methods with optimizers of their own (ReBias's g) build
+them with the same code without importing the job schema (which imports the methods).
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Literal, Sequence
 
 import torch
+from pydantic import Field, model_validator
 
-from rwray.config import OptimConfig, ScheduleConfig
+from rwray.registry import Params
+
+
+class OptimConfig(Params):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    nesterov: bool = False
+    weight_decay: float = Field(2e-4, ge=0)
+
+
+class ScheduleConfig(Params):
+    name: Literal["step", "cosine", "constant"] = "step"
+    warmup_epochs: int = Field(0, ge=0)  # linear warm-up from lr/warmup_epochs to lr (LDAM/ABSGD recipe: 5)
+    milestones: list[int] = []  # step: multiply lr by gamma at each of these epochs
+    gamma: float = Field(0.1, gt=0, le=1)
+    min_lr: float = Field(0.0, ge=0)  # cosine floor
+
+    @model_validator(mode="after")
+    def _sorted(self) -> "ScheduleConfig":
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
+            raise ValueError("milestones must be strictly increasing")
+        return self
 
 
 def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -20,12 +48,17 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> t
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def step_factor(milestones: Sequence[int], gamma: float, epoch: int) -> float:
+    """Step decay: gamma ** (number of milestones reached by `epoch`, 0-based)."""
+    return gamma ** sum(epoch >= m for m in milestones)
+
+
 def lr_factor(cfg: ScheduleConfig, epoch: int, total_epochs: int) -> float:
     """Multiplier of the base lr during `epoch` (0-based): linear warm-up, then step decay or cosine."""
     if epoch < cfg.warmup_epochs:
         return (epoch + 1) / cfg.warmup_epochs
     if cfg.name == "step":
-        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        return step_factor(cfg.milestones, cfg.gamma, epoch)
     if cfg.name == "cosine":
         span = max(1, total_epochs - cfg.warmup_epochs)
         return 0.5 * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))

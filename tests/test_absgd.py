@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as tdist
-import torch.multiprocessing as mp
 from pydantic import ValidationError
 
 from rwray.datainfo import DataInfo
 from rwray.methods import METHODS, StepInputs, weighted_loss
 from rwray.losses.class_balanced import CBCEParams  # noqa: E402
-from rwray import dist  # noqa: E402
 from rwray.methods.absgd import ABSGDParams, absgd_weights
 
 COUNTS = (50, 20, 5)

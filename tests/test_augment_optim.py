@@ -2,9 +2,8 @@ import math
 
 import torch
 
-from rwray.config import ScheduleConfig
 from rwray.data.augment import decode, random_crop, random_flip
-from rwray.optim import lr_factor
+from rwray.optim import ScheduleConfig, lr_factor
 
 
 def test_decode_shape_and_scale():

@@ -12,13 +12,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import free_port, job
-from rwray.data import DataError
+from rwray.errors import DataError, NonFiniteLoss, TrackingError
 from rwray.datainfo import DataInfo
 from rwray.methods import METHODS
 from rwray.methods.erm import ERMParams
-from rwray.tracking import TrackingError
+from rwray.train.batches import Batch
+from rwray.train.epoch import train_epoch
 from rwray.train.launch import run
-from rwray.train.loop import Batch, NonFiniteLoss, train_epoch
 
 
 def _cli(*args, cwd):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import os
 import pathlib
 import shutil
 import threading
@@ -26,14 +25,15 @@ import torch
 from conftest import free_port
 from reliability_report import Recorder
 from rwray import config as C
-from rwray.data import DataError
+from rwray.errors import BatchTooLarge, DataError, NonFiniteLoss, RunInUse, TrackingError
 from rwray.datainfo import DataInfo
 from rwray.methods import METHODS
 from rwray.methods.erm import ERMParams
 from rwray.paths import PathError
-from rwray.tracking import RunInUse, RunLock, TrackingError
 from rwray.train import checkpoint
-from rwray.train.loop import Batch, BatchTooLarge, NonFiniteLoss, evaluate, train_epoch
+from rwray.train.batches import Batch
+from rwray.train.epoch import evaluate, train_epoch
+from rwray.train.identity import RunLock
 
 RECORD = Recorder("test_bad_input_table")
 
@@ -227,7 +227,7 @@ def _resume_not_ckpt(ctx):
 
 
 def _held_lock(ctx):
-    from rwray.train.launch import resolve_paths
+    from rwray.train.preflight import resolve_paths
 
     # The other driver is simulated by a second open of the lock file in this process: flock locks belong to the
     # open file, so the run's own open + flock conflicts exactly as it would across processes.

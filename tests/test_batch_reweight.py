@@ -1,29 +1,28 @@
-"""Batch reweighting as a method: a 4-sample case worked out by hand, the weight options, the score table and its
-files, state round-trip, training steps through the registry (GroupNorm and BatchNorm ResNet-32), gradient reuse
-(same training gradient, refused where samples are coupled, bf16 autocast), and two gloo workers
-(torch.multiprocessing, no Ray): the epoch-end gather and gradient reuse under DDP."""
+"""Batch reweighting: the pure cosine / p-score / weight functions, then the method: a 4-sample case worked out by
+hand, the weight options, the score table and its files, state round-trip, training steps through the registry
+(GroupNorm and BatchNorm ResNet-32), gradient reuse (same training gradient, refused where samples are coupled, bf16
+autocast), and two gloo workers (the `gloo` fixture, no Ray): the epoch-end gather and gradient reuse under DDP."""
 
 from __future__ import annotations
 
 import copy
 import math
 import os
-import socket
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.distributed as tdist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
+from rwray import dist
 from rwray.datainfo import DataInfo
+from rwray.gram import gram
 from rwray.methods import METHODS, StepInputs, weighted_loss
-from rwray import dist  # noqa: E402
-from rwray.methods.batch_reweight import BatchReweightParams, batch_reweight_weights, class_pscore_spearman
+from rwray.methods.batch_reweight import (BatchReweightParams, batch_reweight_weights, class_pscore_spearman, cosine,
+                                          pscore_weights, pscores)
 from rwray.models.resnet_cifar import ResNet32Params, resnet32
 from rwray.models.small_cnn import SmallCNN, SmallCNNParams
 
@@ -31,6 +30,65 @@ E = math.e
 INFO = DataInfo(num_classes=2, class_counts=(30, 10), image_shape=(2, 1, 1), num_train=40)
 
 
+# ----- pure functions: cosine, p-scores, weights -------------------------------------------------------------------
+def test_hand_four_samples_gram_cosine_pscores_weights():
+    # l_i = <w, x_i>: g_i = x_i exactly. x = (1,0), (1,0.1), (0,1), (-1,0):
+    # S_12 = 1/sqrt(1.01) = 0.995, S_14 = -1, S_24 = -0.995, S_13 = S_34 = 0, S_23 = 0.1/sqrt(1.01) = 0.0995.
+    lin = nn.Linear(2, 1, bias=False).double()
+    X = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    G = gram(lin, X, torch.zeros(4, dtype=torch.long), lambda out, _: out[:, 0])
+    torch.testing.assert_close(G, X @ X.T, rtol=0, atol=1e-15)
+    S = cosine(G)
+    c = 1 / math.sqrt(1.01)
+    want_S = torch.tensor([[1, c, 0, -1], [c, 1, 0.1 * c, -c], [0, 0.1 * c, 1, 0], [-1, -c, 0, 1]], dtype=torch.float64)
+    torch.testing.assert_close(S, want_S, rtol=0, atol=1e-12)
+    p = pscores(S, 0.7)
+    assert p.tolist() == [2, 2, 1, 1]
+    e = math.e
+    w = pscore_weights(p, 1.0, "softmax")  # 4 e^-p / sum e^-p
+    torch.testing.assert_close(w, torch.tensor([2 / (1 + e), 2 / (1 + e), 2 * e / (1 + e), 2 * e / (1 + e)], dtype=torch.float64))
+    torch.testing.assert_close(pscore_weights(p, 1.0, "inverse"), torch.tensor([2 / 3, 2 / 3, 4 / 3, 4 / 3], dtype=torch.float64))
+    assert pscores(S, -1.0).tolist() == [4, 4, 4, 4]
+    assert pscores(S, 0.0).tolist() == [3, 3, 4, 2]  # cosine 0 >= 0 counts
+
+
+def test_pscore_bounds_on_random_grams():
+    g = torch.Generator().manual_seed(14)
+    for B, gamma in [(1, 0.7), (7, 0.7), (16, 0.0), (16, 0.999), (33, -0.2)]:
+        V = torch.randn(B, 5, generator=g, dtype=torch.float64)
+        V[B // 2] = 0  # one zero gradient: cosine 0 with everyone, still its own neighbour
+        S = cosine(V @ V.T)
+        assert S.diagonal().eq(1).all() and S.abs().le(1).all()
+        p = pscores(S, gamma)
+        assert p.dtype == torch.int64 and p.shape == (B,)
+        assert p.min() >= 1 and p.max() <= B
+        brute = [(S[i] >= gamma).sum().item() + (0 if S[i, i] >= gamma else 1) for i in range(B)]
+        assert p.tolist() == brute
+    # Identical gradients: everyone is everyone's neighbour.
+    V = torch.ones(5, 3, dtype=torch.float64)
+    assert pscores(cosine(V @ V.T), 0.7).tolist() == [5] * 5
+
+
+def test_weight_formulas_and_the_infinite_temperature():
+    p = torch.tensor([1, 2, 2, 5, 9])
+    for temp in [0.5, 1.0, 3.0]:
+        soft = pscore_weights(p, temp, "softmax")
+        want = torch.exp(-p.double() / temp)
+        torch.testing.assert_close(soft, 5 * want / want.sum())
+        inv = pscore_weights(p, temp, "inverse")
+        want = p.double() ** (-1 / temp)
+        torch.testing.assert_close(inv, want / want.mean())
+        for w in (soft, inv):
+            assert w.mean().item() == pytest.approx(1.0, abs=1e-12)
+            assert (w[:-1] >= w[1:]).all()  # fewer neighbours, more weight
+    for fn in ("softmax", "inverse"):
+        assert pscore_weights(p, math.inf, fn).tolist() == [1.0] * 5
+        assert (pscore_weights(p, 1e9, fn) - 1).abs().max() < 1e-7
+    with pytest.raises(ValueError):
+        pscore_weights(p, 0.0)
+
+
+# ----- the method ------------------------------------------------------------------------------------------------
 class Lin(nn.Module):
     """logits = W x, W = 0 at start; the models' forward signature."""
 
@@ -68,8 +126,8 @@ def step(method, model, x, y, index, epoch=0):
 
 def test_defaults_and_validation():
     p = BatchReweightParams()
-    assert (p.gamma, p.temp, p.weight_fn, p.params, p.impl, p.loss.name) == (0.7, 1.0, "softmax", "all", "fast", "ce")
-    for bad in [{"gamma": 1.5}, {"temp": 0.0}, {"temp": -1.0}, {"weight_fn": "exp"}, {"params": "body"}, {"last_k": 0}]:
+    assert (p.gamma, p.temp, p.weight_fn, p.grads, p.impl, p.loss.name) == (0.7, 1.0, "softmax", "all", "fast", "ce")
+    for bad in [{"gamma": 1.5}, {"temp": 0.0}, {"temp": -1.0}, {"weight_fn": "exp"}, {"grads": "body"}, {"last_k": 0}]:
         with pytest.raises(ValidationError):
             BatchReweightParams(**bad)
 
@@ -244,7 +302,7 @@ def test_fast_and_reference_give_the_same_weights_and_subsets_work():
     weights = {}
     for impl in ("fast", "reference"):
         for which, k in (("all", 1), ("head", 1), ("last_k", 2)):
-            method = build(model, info, impl=impl, params=which, last_k=k, gamma=0.9)
+            method = build(model, info, impl=impl, grads=which, last_k=k, gamma=0.9)
             out = step(method, model, x, y, torch.arange(6))
             weights[impl, which] = out.weights
             out.losses.sum().backward()  # the graph is still intact after either implementation
@@ -339,7 +397,7 @@ def test_grad_reuse_under_bf16_autocast():
 
 def test_grad_reuse_only_for_all_parameters():
     info, model, x, y = resnet_case("group", seed=4)
-    _, flags, method = train_grads(model, BatchReweightParams(params="head"), info, x, y, steps=2)
+    _, flags, method = train_grads(model, BatchReweightParams(grads="head"), info, x, y, steps=2)
     assert flags == [0.0, 0.0] and method.reuse_ok is None  # never even tried
 
 
@@ -362,50 +420,36 @@ class TwoLayer(nn.Module):
         return (logits, f) if return_features else logits
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    tdist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        assert dist.world_size() == 2
-        torch.set_num_threads(1)
-        model = Lin()
-        method = build(model)
-        # Each worker scores its own local batch of 2 (the Gram is per worker): rank 0 gets samples 3 and 7 (same
-        # class, cosine .995: p = 2, 2), rank 1 gets 11 and 20 (same class, cosine .196: p = 1, 1).
-        half = slice(2 * rank, 2 * rank + 2)
-        out = step(method, model, HAND_X[half].view(2, 2, 1, 1), HAND_Y[half], torch.tensor([3, 7, 11, 20])[half])
-        end = method.end_epoch(0)
-        # Gradient reuse under DDP: the surrogate's parameter gradients go through AccumulateGrad, so DDP's
-        # all-reduce hooks fire as usual; reuse on and off must give the same averaged gradients.
-        ddp_grads = {}
-        for reuse in (True, False):
-            torch.manual_seed(0)
-            net = nn.parallel.DistributedDataParallel(TwoLayer().double())
-            m = build(net, grad_reuse=reuse)
-            g = torch.Generator().manual_seed(10 + rank)
-            xs, ys = torch.randn(3, 6, 2, 1, 1, generator=g, dtype=torch.float64), torch.randint(0, 2, (3, 6), generator=g)
-            grads = []
-            for s in range(3):
-                o = step(m, net, xs[s], ys[s], torch.arange(6) + 6 * rank)
-                weighted_loss(o).backward()
-                grads.append([p.grad.clone() for p in net.parameters()])
-                net.zero_grad()
-            ddp_grads[reuse] = (grads, m.reuse_ok)
-        torch.save({"weights": out.weights, "end": end, "scores": method.scores(), "ddp": ddp_grads},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        tdist.destroy_process_group()
+def _rank(rank: int, world: int) -> dict:
+    assert dist.world_size() == world == 2
+    model = Lin()
+    method = build(model)
+    # Each worker scores its own local batch of 2 (the Gram is per worker): rank 0 gets samples 3 and 7 (same
+    # class, cosine .995: p = 2, 2), rank 1 gets 11 and 20 (same class, cosine .196: p = 1, 1).
+    half = slice(2 * rank, 2 * rank + 2)
+    out = step(method, model, HAND_X[half].view(2, 2, 1, 1), HAND_Y[half], torch.tensor([3, 7, 11, 20])[half])
+    end = method.end_epoch(0)
+    # Gradient reuse under DDP: the surrogate's parameter gradients go through AccumulateGrad, so DDP's
+    # all-reduce hooks fire as usual; reuse on and off must give the same averaged gradients.
+    ddp_grads = {}
+    for reuse in (True, False):
+        torch.manual_seed(0)
+        net = nn.parallel.DistributedDataParallel(TwoLayer().double())
+        m = build(net, grad_reuse=reuse)
+        g = torch.Generator().manual_seed(10 + rank)
+        xs, ys = torch.randn(3, 6, 2, 1, 1, generator=g, dtype=torch.float64), torch.randint(0, 2, (3, 6), generator=g)
+        grads = []
+        for s in range(3):
+            o = step(m, net, xs[s], ys[s], torch.arange(6) + 6 * rank)
+            weighted_loss(o).backward()
+            grads.append([p.grad.clone() for p in net.parameters()])
+            net.zero_grad()
+        ddp_grads[reuse] = (grads, m.reuse_ok)
+    return {"weights": out.weights, "end": end, "scores": method.scores(), "ddp": ddp_grads}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_workers_gather_the_global_table(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+def test_two_workers_gather_the_global_table(gloo):
+    ranks = gloo(_rank)
     want = torch.tensor([[3, 2.0, 0], [7, 2.0, 0], [11, 1.0, 1], [20, 1.0, 1]], dtype=torch.float64)
     for r in ranks:  # every rank holds the whole table and the global per-class means
         torch.testing.assert_close(r["scores"], want)

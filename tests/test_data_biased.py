@@ -12,11 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rwray.data import SOURCES, BuilderParams, DataError, RawData, prepare, verify
+from rwray.data import SOURCES, BuilderParams, RawData, prepare, verify
 from rwray.data import mnist
 from rwray.data.biased import COLOURS, assign_colours, biased_sets, colourise
-from rwray.data.shards import build_splits
 from rwray.data.sources import BiasedDigitsParams, BiasedMnistParams, ExtraSplit
+from rwray.data.splits import build_splits
+from rwray.errors import DataError
 
 PAPER_COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (225, 225, 0), (225, 0, 225), (0, 255, 255), (255, 128, 0),
                  (255, 0, 128), (128, 0, 255), (128, 128, 128)]

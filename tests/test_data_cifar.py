@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rwray.data import SOURCES, BuilderParams, DataError, prepare, verify
+from rwray.data import SOURCES, BuilderParams, prepare, verify
 from rwray.data import cifar
 from rwray.data.sources import Cifar10Params, Cifar100Params
+from rwray.errors import DataError
 
 C10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rwray.data import longtail_counts, select_per_class
+from rwray.data.longtail import longtail_counts, select_per_class
 
 
 def test_cifar10_exp_counts_match_the_reference_repos():

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from rwray.data import corrupt_labels
-from rwray.data.noise import asymmetric_map
+from rwray.data.noise import asymmetric_map, corrupt_labels
 
 N = 20000
 

@@ -10,9 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rwray.data import SOURCES, BuilderParams, DataError, Manifest, RawData, longtail_counts, prepare, verify
-from rwray.data import shards as shards_mod
+from rwray.data import SOURCES, BuilderParams, Manifest, RawData, prepare, verify
+from rwray.data import write as write_mod
+from rwray.data.longtail import longtail_counts
 from rwray.data.sources import DigitsParams, SyntheticParams
+from rwray.errors import DataError
 
 LT = BuilderParams(imbalance="exp", factor=10, rows_per_shard=200)  # several shards per split
 
@@ -205,7 +207,7 @@ def test_failing_prepare_leaves_nothing_behind(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(shards_mod, "_channel_stats", boom)  # fails after all shards were written
+    monkeypatch.setattr(write_mod, "_channel_stats", boom)  # fails after all shards were written
     with pytest.raises(RuntimeError, match="disk full"):
         prepare(DigitsParams(), tmp_path / "out", LT)
     assert list(tmp_path.iterdir()) == []  # neither out nor a temporary sibling
@@ -218,7 +220,7 @@ def test_existing_output_needs_overwrite_and_failed_overwrite_keeps_old(tmp_path
         prepare(DigitsParams(), out, LT)
     assert "another output directory" in str(e.value)
 
-    monkeypatch.setattr(shards_mod, "_channel_stats", lambda *a: (_ for _ in ()).throw(RuntimeError("crash")))
+    monkeypatch.setattr(write_mod, "_channel_stats", lambda *a: (_ for _ in ()).throw(RuntimeError("crash")))
     with pytest.raises(RuntimeError):
         prepare(DigitsParams(), out, LT.model_copy(update={"seed": 5}), overwrite=True)
     assert Manifest.load(out).sha256 == first.sha256 and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -353,10 +353,10 @@ def test_deterministic_errors_are_not_retried():
     (The end-to-end case, a NaN loss on Ray failing once and fast, is tests/test_bad_input.py.)"""
     from ray.exceptions import ActorDiedError
 
-    from rwray.train.launch import _stop_on_fatal_errors
-    from rwray.train.loop import BatchTooLarge, NonFiniteLoss
+    from rwray.errors import BatchTooLarge, NonFiniteLoss
+    from rwray.train.rayenv import stop_on_fatal_errors
 
-    cb = _stop_on_fatal_errors()
+    cb = stop_on_fatal_errors()
     outcome = []
     for err, fatal in ((NonFiniteLoss(0, 3, [7]), True), (BatchTooLarge("data.batch_size", 64, "at epoch 0"), True),
                        (ActorDiedError(), False), (RuntimeError("Connection closed by peer"), False)):
@@ -376,7 +376,7 @@ def test_deterministic_errors_are_not_retried():
 
 def epoch_rows(parts, seed, epoch, rank, world):
     """One rank's rows of one epoch, in training order: what TrainRows' batches add up to."""
-    from rwray.train.loop import canonical_rows, epoch_order
+    from rwray.train.batches import canonical_rows, epoch_order
 
     rows = canonical_rows(parts)
     mine = epoch_order(len(rows["index"]), seed, epoch, rank, world)
@@ -411,7 +411,7 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
 def test_train_rows_stream_once_and_give_the_epoch_order():
     """The loop's train input: the split is streamed on the first epoch only, and every epoch's batches are this
     rank's rows of `epoch_rows` in order, cut into batches (the last one short)."""
-    from rwray.train.loop import TrainRows
+    from rwray.train.batches import TrainRows
 
     n = 53
     rows = {"index": torch.arange(500, 500 + n).flip(0), "label": torch.arange(n) % 7}

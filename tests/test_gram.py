@@ -1,9 +1,8 @@
-"""Per-sample-gradient Gram matrices: the hook-based fast path against the torch.func reference (float64), against
-Grams written out by hand, and the pure p-score / weight functions. No Ray; every model is tiny."""
+"""Per-sample-gradient Gram matrices (`rwray.gram`): the hook-based fast path against the torch.func reference
+(float64), against Grams written out by hand, and the per-layer kernels. No Ray; every model is tiny. The p-score /
+weight functions of batch reweighting are tested in tests/test_batch_reweight.py."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -11,9 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from rwray.datainfo import DataInfo
-from rwray.methods import gram as gm
+from rwray.gram.kernels import outer_gram
+import rwray.gram as gm
 from rwray.models.layers import NormedLinear
 from rwray.models.resnet_cifar import ResNet32Params, resnet32
+from rwray.methods.batch_reweight import cosine
 from rwray.models.small_cnn import SmallCNN, SmallCNNParams
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -34,7 +35,7 @@ def assert_gram_close(fast: torch.Tensor, ref: torch.Tensor) -> None:
     scale = ref.abs().max().item()
     assert scale > 0
     torch.testing.assert_close(fast / scale, ref / scale, **TOL)
-    torch.testing.assert_close(gm.cosine(fast), gm.cosine(ref), **TOL)
+    torch.testing.assert_close(cosine(fast), cosine(ref), **TOL)
 
 
 # ----- MLPs -------------------------------------------------------------------------------------------------------
@@ -302,67 +303,10 @@ def test_inplace_change_of_a_captured_output_is_refused():
         gm.gram(model, x, y, ce)
 
 
-# ----- pure functions: cosine, p-scores, weights -------------------------------------------------------------------
-def test_hand_four_samples_gram_cosine_pscores_weights():
-    # l_i = <w, x_i>: g_i = x_i exactly. x = (1,0), (1,0.1), (0,1), (-1,0):
-    # S_12 = 1/sqrt(1.01) = 0.995, S_14 = -1, S_24 = -0.995, S_13 = S_34 = 0, S_23 = 0.1/sqrt(1.01) = 0.0995.
-    lin = nn.Linear(2, 1, bias=False).double()
-    X = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
-    G = gm.gram(lin, X, torch.zeros(4, dtype=torch.long), lambda out, _: out[:, 0])
-    torch.testing.assert_close(G, X @ X.T, rtol=0, atol=1e-15)
-    S = gm.cosine(G)
-    c = 1 / math.sqrt(1.01)
-    want_S = torch.tensor([[1, c, 0, -1], [c, 1, 0.1 * c, -c], [0, 0.1 * c, 1, 0], [-1, -c, 0, 1]], dtype=torch.float64)
-    torch.testing.assert_close(S, want_S, rtol=0, atol=1e-12)
-    p = gm.pscores(S, 0.7)
-    assert p.tolist() == [2, 2, 1, 1]
-    e = math.e
-    w = gm.pscore_weights(p, 1.0, "softmax")  # 4 e^-p / sum e^-p
-    torch.testing.assert_close(w, torch.tensor([2 / (1 + e), 2 / (1 + e), 2 * e / (1 + e), 2 * e / (1 + e)], dtype=torch.float64))
-    torch.testing.assert_close(gm.pscore_weights(p, 1.0, "inverse"), torch.tensor([2 / 3, 2 / 3, 4 / 3, 4 / 3], dtype=torch.float64))
-    assert gm.pscores(S, -1.0).tolist() == [4, 4, 4, 4]
-    assert gm.pscores(S, 0.0).tolist() == [3, 3, 4, 2]  # cosine 0 >= 0 counts
-
-
-def test_pscore_bounds_on_random_grams():
-    g = torch.Generator().manual_seed(14)
-    for B, gamma in [(1, 0.7), (7, 0.7), (16, 0.0), (16, 0.999), (33, -0.2)]:
-        V = torch.randn(B, 5, generator=g, dtype=torch.float64)
-        V[B // 2] = 0  # one zero gradient: cosine 0 with everyone, still its own neighbour
-        S = gm.cosine(V @ V.T)
-        assert S.diagonal().eq(1).all() and S.abs().le(1).all()
-        p = gm.pscores(S, gamma)
-        assert p.dtype == torch.int64 and p.shape == (B,)
-        assert p.min() >= 1 and p.max() <= B
-        brute = [(S[i] >= gamma).sum().item() + (0 if S[i, i] >= gamma else 1) for i in range(B)]
-        assert p.tolist() == brute
-    # Identical gradients: everyone is everyone's neighbour.
-    V = torch.ones(5, 3, dtype=torch.float64)
-    assert gm.pscores(gm.cosine(V @ V.T), 0.7).tolist() == [5] * 5
-
-
-def test_weight_formulas_and_the_infinite_temperature():
-    p = torch.tensor([1, 2, 2, 5, 9])
-    for temp in [0.5, 1.0, 3.0]:
-        soft = gm.pscore_weights(p, temp, "softmax")
-        want = torch.exp(-p.double() / temp)
-        torch.testing.assert_close(soft, 5 * want / want.sum())
-        inv = gm.pscore_weights(p, temp, "inverse")
-        want = p.double() ** (-1 / temp)
-        torch.testing.assert_close(inv, want / want.mean())
-        for w in (soft, inv):
-            assert w.mean().item() == pytest.approx(1.0, abs=1e-12)
-            assert (w[:-1] >= w[1:]).all()  # fewer neighbours, more weight
-    for fn in ("softmax", "inverse"):
-        assert gm.pscore_weights(p, math.inf, fn).tolist() == [1.0] * 5
-        assert (gm.pscore_weights(p, 1e9, fn) - 1).abs().max() < 1e-7
-    with pytest.raises(ValueError):
-        gm.pscore_weights(p, 0.0)
-
-
+# ----- per-layer kernels ------------------------------------------------------------------------------------------
 def test_outer_gram_strategies_against_brute_force():
     g = torch.Generator().manual_seed(15)
     A, E = torch.randn(4, 3, 5, generator=g, dtype=torch.float64), torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
     M = torch.stack([sum(torch.outer(E[i, t], A[i, t]) for t in range(3)).flatten() for i in range(4)])  # [4, 10]
     for strategy in ("auto", "pairwise", "materialise"):
-        torch.testing.assert_close(gm.outer_gram(A, E, strategy), M @ M.T, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(outer_gram(A, E, strategy), M @ M.T, rtol=1e-12, atol=1e-12)

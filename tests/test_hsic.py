@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rwray.methods.hsic import (
+from rwray.hsic import (
     hsic,
     hsic_biased_from_kernels,
     hsic_unbiased_from_kernels,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,10 +12,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_wheel_ships_every_module_and_the_quickstart_recipes(tmp_path):
-    # --no-build-isolation: the test venv's setuptools builds it (nothing is fetched).
+    # Built from a copy (setuptools writes build/ and *.egg-info beside the sources; the tree stays untouched), with
+    # the test venv's setuptools (--no-build-isolation: nothing is fetched).
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    shutil.copytree(ROOT / "rwray", src / "rwray", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(ROOT)], check=True, cwd=tmp_path, timeout=300)
-    (wheel,) = tmp_path.glob("rwray-*.whl")
+                    str(tmp_path / "dist"), str(src)], check=True, cwd=tmp_path, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("rwray-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "rwray").rglob("*.py")}
     assert modules <= names, f"missing from the wheel: {sorted(modules - names)}"

@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 import copy
-import datetime
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as tdist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from rwray import dist
 from rwray.datainfo import DataInfo
+from rwray.hsic import median_sigma
 from rwray.methods import METHODS, StepInputs, weighted_loss
-from rwray import dist  # noqa: E402
-from rwray.bias_metrics import bias_cell_accuracy, bias_cell_counts, summarize_bias_cells
-from rwray.methods.hsic import median_sigma
-from rwray.methods.rebias import AuxOptimParams, LearnedMixinParams, ReBiasParams, RUBiParams
+from rwray.methods.learned_mixin import LearnedMixinParams
+from rwray.methods.rebias import ReBiasParams
+from rwray.methods.rubi import RUBiParams
+from rwray.methods.two_network import AuxOptimParams
+from rwray.metrics import bias_cell_accuracy, bias_cell_counts, summarize_bias_cells
 from rwray.models import MODELS
 from rwray.models.simple_conv import SimpleConvNet, SimpleConvParams
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -442,39 +441,21 @@ def _train(prepare, rank: int, world: int) -> dict:
         opt.step()
         hsic.append(out.metrics["rebias/hsic"])
         sigmas.append((method.sigma_f, method.sigma_g))
-    g = method.g.module if hasattr(method.g, "module") else method.g
+    g = dist.unwrap(method.g)
     return {"f": {k: v.clone() for k, v in f.state_dict().items()}, "g": {k: v.clone() for k, v in g.state_dict().items()},
             "hsic": hsic, "sigmas": sigmas}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                             timeout=datetime.timedelta(seconds=60))
-    try:
-        assert dist.world_size() == 2 and dist.rank() == rank
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        torch.save(train(lambda m: DDP(m), rank, 2), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        tdist.destroy_process_group()
+def _rank(rank: int, world: int) -> dict:
+    """One of the two gloo workers: f and g wrapped in DDP."""
+    return train(nn.parallel.DistributedDataParallel, rank, world)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_workers_equal_one_worker_on_the_global_batch(tmp_path):
+def test_two_workers_equal_one_worker_on_the_global_batch(gloo):
     """What the all-gather design guarantees: with per-sample normalisation, 2 workers x 4 samples give the same HSIC
     values, the same median σ and the same f and g parameters as 1 worker x 8 samples (float rounding aside)."""
-    workers = mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
-    single = train(lambda m: m, 0, 1)  # meanwhile, the single process on the whole global batch
-    while not workers.join():
-        pass
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # meanwhile, the single process on the whole global batch
+    ranks, single = gloo(_rank, meanwhile=lambda: train(lambda m: m, 0, 1))
     for r in ranks:
         assert r["hsic"] == pytest.approx(single["hsic"], rel=1e-9, abs=1e-12)
         for (a, b), (c, d) in zip(r["sigmas"], single["sigmas"]):

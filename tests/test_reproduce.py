@@ -6,7 +6,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from rwray import config as C
-from rwray.reproduce import load_table, report, reproduce
+from rwray.report import report
+from rwray.reproduce import load_table, reproduce
 
 
 def _table(tmp_path, data_dir, rows, seeds=(0, 1), name="tbl"):

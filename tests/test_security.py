@@ -14,7 +14,7 @@ import torch
 
 from conftest import job
 from reliability_report import Recorder
-from rwray.data import DataError
+from rwray.errors import DataError
 from rwray.paths import PathError, check_shard_files, inside, require_inside, safe_component
 from rwray.train import checkpoint
 

@@ -5,7 +5,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import job
 from rwray import config as C
-from rwray.tune import load_best, search_space, sweep, trial_config
+from rwray.sweep import load_best, search_space, sweep, trial_config
 
 BASE = {"data": {"dir": "d"}, "model": {"name": "small_cnn"}, "method": {"name": "absgd", "lam": 5.0}}
 

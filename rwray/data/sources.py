@@ -1,6 +1,6 @@
 """Raw data sources: each turns its parameters into a `RawData` (uint8 images + labels, train pool and test set).
 
-Registered in `SOURCES`; the shard builder (`rwray.data.shards.prepare`) does everything after this point
+Registered in `SOURCES`; the shard builder (`rwray.data.write.prepare`) does everything after this point
 (validation split, long tail, label noise, Parquet), so a new source only has to produce arrays.
 """
 
@@ -15,8 +15,9 @@ import numpy as np
 from pydantic import Field
 
 from rwray.data import biased, cifar, mnist
+from rwray.data.manifest import BASE_COLUMNS, SPLITS
 from rwray.errors import DataError
-from rwray.registry import Params, Registry, union_of
+from rwray.registry import Params, Registry
 
 
 class ExtraSplit(NamedTuple):
@@ -27,8 +28,7 @@ class ExtraSplit(NamedTuple):
     columns: dict[str, np.ndarray]  # name -> [n] int64, the same names as the other splits' extra columns
 
 
-RESERVED_SPLITS = ("train", "val", "test")
-RESERVED_COLUMNS = ("image", "label", "index", "clean_label")  # base columns, and the label-noise column
+RESERVED_COLUMNS = (*BASE_COLUMNS, "clean_label")  # base columns, and the label-noise column
 
 
 @dataclass
@@ -69,7 +69,7 @@ class RawData:
                 if v.shape != (x.shape[0],) or not np.issubdtype(v.dtype, np.integer):
                     raise DataError(f"{split} column {name!r} must be [{x.shape[0]}] integers, got {v.dtype} {v.shape}")
         for name in self.extra_test_splits:
-            if name in RESERVED_SPLITS or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            if name in SPLITS or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
                 raise DataError(f"extra split name {name!r} must match [a-z][a-z0-9_]* and not be train, val or test")
 
     @property
@@ -236,5 +236,3 @@ SOURCES.add("biased-mnist", BiasedMnistParams, build_biased_mnist,
             "colour-biased MNIST (ReBias): IDX files, rho, test_unbiased split")
 SOURCES.add("biased-digits", BiasedDigitsParams, build_biased_digits,
             "colour-biased 8x8 digits (no download), test_unbiased split")
-
-SourceConfig = union_of(SOURCES)

@@ -13,11 +13,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from rwray.datainfo import DataInfo
 from rwray.losses.base import PerSampleLoss
 from rwray.losses.class_balanced import class_counts
 from rwray.registry import Params
-
-from rwray.datainfo import DataInfo
 
 
 class BalancedSoftmaxParams(Params):

@@ -7,10 +7,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from rwray.datainfo import DataInfo
 from rwray.losses.base import PerSampleLoss
 from rwray.registry import Params
-
-from rwray.datainfo import DataInfo
 
 
 class CEParams(Params):

@@ -11,11 +11,10 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from rwray.datainfo import DataInfo
 from rwray.losses.base import PerSampleLoss
 from rwray.losses.ce import cross_entropy
 from rwray.registry import Params
-
-from rwray.datainfo import DataInfo
 
 
 class FocalParams(Params):

@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from rwray.datainfo import DataInfo
 from rwray.losses.base import PerSampleLoss
 from rwray.registry import Params
-
-from rwray.datainfo import DataInfo
 
 PROB_FLOOR = 1e-7  # p clamped to [PROB_FLOOR, 1]
 LABEL_FLOOR = 1e-4  # one-hot clamped to [LABEL_FLOOR, 1] before the log: log 0 -> log 1e-4 ≈ −9.21

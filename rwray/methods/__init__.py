@@ -1,7 +1,6 @@
 """Registry of reweighting methods: one file each, one entry here, one test file in tests/."""
 
-from rwray.methods import absgd, erm, rebias
-from rwray.datainfo import DataInfo
+from rwray.methods import absgd, baselines, batch_reweight, erm, learned_mixin, rebias, rubi
 from rwray.methods.base import Method, StepInputs, StepOutput, weighted_loss
 from rwray.registry import Registry, union_of
 
@@ -10,13 +9,12 @@ METHODS.add("erm", erm.ERMParams, erm.ERM, "empirical risk minimisation: uniform
 METHODS.add("absgd", absgd.ABSGDParams, absgd.ABSGD, "attentional-biased SGD: w_i = exp(loss_i/lambda)/u, moving-average u")
 
 METHODS.add("rebias", rebias.ReBiasParams, rebias.ReBias, "ReBias: f minimises CE + lambda_f HSIC(f, g); g (1x1 convs) minimises CE - lambda_g HSIC(g, f)")
-METHODS.add("vanilla", rebias.VanillaParams, rebias.Vanilla, "ReBias table baseline: target network f alone on CE (lambda = 0)")
-METHODS.add("biased", rebias.BiasedParams, rebias.Biased, "ReBias table baseline: the biased network alone (job sets model.kernel=1)")
-METHODS.add("rubi", rebias.RUBiParams, rebias.RUBi, "RUBi: CE(f_logits * sigmoid(fc(g_feat.detach()))) + CE on g")
-METHODS.add("learned_mixin", rebias.LearnedMixinParams, rebias.LearnedMixin, "LearnedMixin+H: CE(f + softplus(fc(f_feat)) log p_g) + 0.36 H; g frozen after pre-training")
-from rwray.methods import batch_reweight  # noqa: E402
+METHODS.add("vanilla", baselines.VanillaParams, baselines.Vanilla, "ReBias table baseline: target network f alone on CE (lambda = 0)")
+METHODS.add("biased", baselines.BiasedParams, baselines.Biased, "ReBias table baseline: the biased network alone (job sets model.kernel=1)")
+METHODS.add("rubi", rubi.RUBiParams, rubi.RUBi, "RUBi: CE(f_logits * sigmoid(fc(g_feat.detach()))) + CE on g")
+METHODS.add("learned_mixin", learned_mixin.LearnedMixinParams, learned_mixin.LearnedMixin, "LearnedMixin+H: CE(f + softplus(fc(f_feat)) log p_g) + 0.36 H; g frozen after pre-training")
 METHODS.add("batch_reweight", batch_reweight.BatchReweightParams, batch_reweight.BatchReweight, "batch reweighting: w = softmax(-p/temp), p = #similar per-sample gradients in the batch")
 
 MethodConfig = union_of(METHODS)
 
-__all__ = ["METHODS", "MethodConfig", "DataInfo", "Method", "StepInputs", "StepOutput", "weighted_loss"]
+__all__ = ["METHODS", "MethodConfig", "Method", "StepInputs", "StepOutput", "weighted_loss"]

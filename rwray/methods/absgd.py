@@ -38,9 +38,9 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from rwray import dist, plots
+from rwray.datainfo import DataInfo
 from rwray.losses import LOSSES, LossConfig
 from rwray.losses.ce import CEParams
-from rwray.datainfo import DataInfo
 from rwray.methods.base import Method, StepInputs, StepOutput
 from rwray.registry import Params
 

@@ -18,16 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class DataInfo:
-    """What a method or model may know about the data: read from the shard manifest, identical on every worker."""
-
-    num_classes: int
-    class_counts: tuple[int, ...]  # training samples per class, global (not per worker)
-    image_shape: tuple[int, int, int]  # (C, H, W)
-    num_train: int
-    extra_columns: tuple[str, ...] = ()  # e.g. ("bias", "clean_label")
+from rwray.datainfo import DataInfo
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Per step, on each worker's local batch of B samples:
 
-    g_i  = gradient of l_i w.r.t. the selected parameters (`params`: all | head | last_k), L2-normalised
+    g_i  = gradient of l_i w.r.t. the selected parameters (`grads`: all | head | last_k), L2-normalised
     S    = Ĝ Ĝᵀ                                   [B, B] cosine similarities (S_ii = 1)
     p_i  = #{j : S_ij >= gamma}                   1 <= p_i <= B ("p-score": the sample's gradient-neighbourhood size)
     w    = weight_fn(p, temp), mean 1             relative to ERM (the loop takes mean_i(w_i l_i))
@@ -16,11 +16,11 @@ The seed README never defines the weights from p (only "softmax inside" and `wei
   p similar samples counts 1/p, so each cluster counts about once).
 Both tend to uniform weights (ERM) as temp -> inf; temp = inf is exactly ERM.
 
-Gradients and Gram: `rwray.methods.gram` (``impl="fast"``: hooks on the loop's own forward and one partial backward
+Gradients and Gram: `rwray.gram` (``impl="fast"``: hooks on the loop's own forward and one partial backward
 that keeps the graph for the loop's backward; ``impl="reference"``: torch.func vmap, for checking). Norm layers'
 affine parameters are part of "all"; "head" is the last parametrised module the forward calls (the classifier);
 "last_k" the last k of them, norm layers counted. With BatchNorm in training mode the "per-sample gradient" is
-sample i's contribution to the batch gradient through the batch-coupled graph (see `rwray.methods.gram`); the
+sample i's contribution to the batch gradient through the batch-coupled graph (see `rwray.gram`); the
 reference implementation refuses that case.
 
 Gradient reuse (``grad_reuse``, on by default): the Gram pass already walks the graph once and sees every layer's
@@ -61,21 +61,67 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from rwray import dist, plots
+from rwray import dist, plots, tables
+from rwray.datainfo import DataInfo
+from rwray.gram.capture import GramCapture
+from rwray.gram.kernels import batch_stats, own_params
+from rwray.gram.reference import reference_gram
+from rwray.gram.reuse import LayerGrads
+from rwray.gram.select import select_modules
 from rwray.losses import LOSSES, LossConfig
 from rwray.losses.ce import CEParams
-from rwray.methods import gram as gm
-from rwray.datainfo import DataInfo
 from rwray.methods.base import Method, Prepare, StepInputs, StepOutput
 from rwray.registry import Params
+
+
+# ----- from Gram to p-scores to weights (pure) --------------------------------------------------------------------------
+def cosine(G: torch.Tensor) -> torch.Tensor:
+    """[B, B] Gram -> [B, B] cosine similarities S_ij = G_ij / (|g_i| |g_j|).
+
+    A zero gradient (e.g. a sample whose loss is flat) has cosine 0 with every other sample; the diagonal is 1 by
+    definition (a sample is always its own neighbour), so p-scores stay in [1, B].
+    """
+    n = G.diagonal().clamp_min(0).sqrt()  # [B] gradient norms
+    denom = n[:, None] * n[None, :]  # [B, B]
+    S = torch.where(denom > 0, G / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(G))
+    S = S.clamp(-1.0, 1.0)
+    S.diagonal().fill_(1.0)
+    return S
+
+
+def pscores(S: torch.Tensor, gamma: float) -> torch.Tensor:
+    """[B, B] cosines -> [B] int64 p_i = #{j : S_ij >= gamma}, the diagonal always counted (1 <= p_i <= B)."""
+    eye = torch.eye(S.shape[0], dtype=torch.bool, device=S.device)
+    return ((S >= gamma) | eye).sum(dim=1)
+
+
+def pscore_weights(p: torch.Tensor, temp: float = 1.0, weight_fn: Literal["softmax", "inverse"] = "softmax") -> torch.Tensor:
+    """[B] p-scores -> [B] float64 weights with mean 1 (relative to ERM).
+
+    softmax: w = B * softmax(-p / temp): samples with few gradient-neighbours (rare, atypical) weigh more, one unit
+             of p costs a factor e^(1/temp).
+    inverse: w ∝ p^(-1/temp), normalised to mean 1; temp = 1 is plain 1/p.
+    Both tend to uniform weights as temp -> inf (temp = inf gives exactly 1).
+    """
+    if not temp > 0:
+        raise ValueError(f"temperature must be > 0, got {temp}")
+    pf = p.to(torch.float64)
+    if pf.numel() == 0:
+        return pf
+    if weight_fn == "softmax":
+        return torch.softmax(-pf / temp, dim=0) * pf.numel()
+    if weight_fn == "inverse":
+        w = pf.pow(-1.0 / temp)
+        return w / w.mean()
+    raise ValueError(f"unknown weight_fn {weight_fn!r}; choose softmax or inverse")
 
 
 def batch_reweight_weights(G: torch.Tensor, gamma: float, temp: float, weight_fn: Literal["softmax", "inverse"]
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """The method as a pure function: [B, B] Gram of per-sample gradients -> ([B] float64 weights (mean 1),
     [B] int64 p-scores)."""
-    p = gm.pscores(gm.cosine(G), gamma)
-    return gm.pscore_weights(p, temp, weight_fn), p
+    p = pscores(cosine(G), gamma)
+    return pscore_weights(p, temp, weight_fn), p
 
 
 def class_pscore_spearman(scores: torch.Tensor, class_counts: tuple[int, ...]) -> float:
@@ -106,14 +152,14 @@ class BatchReweightParams(Params):
     gamma: float = Field(0.7, ge=-1.0, le=1.0, description="cosine threshold: j is i's neighbour when S_ij >= gamma")
     temp: float = Field(1.0, gt=0.0, description="temperature of the weight function; inf gives ERM")
     weight_fn: Literal["softmax", "inverse"] = Field("softmax", description="softmax(-p/temp) or p^(-1/temp)")
-    params: Literal["all", "head", "last_k"] = Field("all", description="parameters whose per-sample gradients count")
-    last_k: int = Field(1, ge=1, description="with params=last_k: the last k parametrised modules of the forward")
+    grads: Literal["all", "head", "last_k"] = Field("all", description="parameters whose per-sample gradients count")
+    last_k: int = Field(1, ge=1, description="with grads=last_k: the last k parametrised modules of the forward")
     impl: Literal["fast", "reference"] = Field("fast", description="Gram implementation (reference: vmap, for checks)")
     grad_reuse: bool = Field(True, description="rebuild the weighted gradient from the Gram pass's layer gradients "
                              "instead of a second walk of the graph, where verified exact (see the module docstring)")
 
 
-def _same_gradient(kept: gm.LayerGrads, losses: torch.Tensor, w: torch.Tensor, rtol: float = 1e-3) -> bool:
+def _same_gradient(kept: LayerGrads, losses: torch.Tensor, w: torch.Tensor, rtol: float = 1e-3) -> bool:
     """Does the records' weighted gradient equal autograd's gradient of mean_i(w_i l_i), parameter by parameter
     (|mine - true| <= rtol |true| + 1e-6 |whole gradient|)? One extra backward, on the first eligible step only."""
     params = kept.params()
@@ -129,17 +175,11 @@ def _same_gradient(kept: gm.LayerGrads, losses: torch.Tensor, w: torch.Tensor, r
     return True
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 class BatchReweight(Method):
     def __init__(self, params: BatchReweightParams, info: DataInfo):
         super().__init__(params, info)
         self.loss = LOSSES.build(params.loss, info)
-        self.capture: gm.GramCapture | None = None
+        self.capture: GramCapture | None = None
         n = info.num_train
         # The global table, identical on every rank after each end_epoch; grows if an index is >= num_train.
         self._sum = torch.zeros(n, dtype=torch.float64)  # [N] sum of p-scores
@@ -153,7 +193,7 @@ class BatchReweight(Method):
     def attach(self, model: nn.Module, prepare: Prepare, device: torch.device) -> None:
         if self.capture is not None:
             self.capture.close()
-        self.capture = gm.GramCapture(_unwrap(model))
+        self.capture = GramCapture(dist.unwrap(model))
         self.reuse_ok = None  # a new model is verified afresh
 
     def close(self) -> None:
@@ -172,10 +212,10 @@ class BatchReweight(Method):
         if B == 0:
             return StepOutput(losses=losses, weights=losses.detach().new_ones(0))
         cap = self.capture
-        if cap is None or cap.model is not _unwrap(inputs.model):
+        if cap is None or cap.model is not dist.unwrap(inputs.model):
             raise RuntimeError("batch_reweight: call attach(model, ...) with the model of the step before training")
         order = cap.order()
-        modules = gm.select_modules(order, self.params.params, self.params.last_k)
+        modules = select_modules(order, self.params.grads, self.params.last_k)
         out_losses = losses
         reuse = self._reuse_eligible(modules, order)
         if reuse and self.reuse_ok:  # verified: free the graph during the Gram pass, backward through the records
@@ -190,7 +230,7 @@ class BatchReweight(Method):
             G = cap.gram(losses, modules)  # [B, B] float64; graph retained for the loop's backward
         else:
             with cap.paused():
-                G = gm.reference_gram(cap.model, inputs.x, inputs.y, self.loss, modules)
+                G = reference_gram(cap.model, inputs.x, inputs.y, self.loss, modules)
         cap.clear()  # drop the records and their tensor hooks before the loop's backward
         w, p = batch_reweight_weights(G, self.params.gamma, self.params.temp, self.params.weight_fn)
         if reuse and self.reuse_ok is None:
@@ -210,11 +250,11 @@ class BatchReweight(Method):
         if not self.params.grad_reuse or self.params.impl != "fast" or self.reuse_ok is False or modules != order:
             return False
         model = self.capture.model
-        if any(gm._batch_stats(m) for m in model.modules()):
+        if any(batch_stats(m) for m in model.modules()):
             self.reuse_ok = False
             return False
         called = set(order)
-        covered = {id(p) for name, m in model.named_modules() if name in called for _, p in gm.own_params(m)}
+        covered = {id(p) for name, m in model.named_modules() if name in called for _, p in own_params(m)}
         return all(id(p) in covered for p in model.parameters() if p.requires_grad)
 
     # ----- epoch-level ------------------------------------------------------------------------------------------
@@ -272,26 +312,20 @@ class BatchReweight(Method):
         table = self.scores()
         if not len(table):
             return []
-        import numpy as np
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         os.makedirs(out_dir, exist_ok=True)
-        seen = table[:, 0].long()
-        npy = os.path.join(out_dir, "score.npy")
-        np.save(npy, table.numpy())
-        pqt = os.path.join(out_dir, "pscores.parquet")
-        pq.write_table(pa.table({
-            "index": pa.array(seen.numpy(), pa.int64()),
-            "pscore": pa.array(table[:, 1].numpy(), pa.float64()),
-            "class": pa.array(self._cls[seen].numpy(), pa.int64()),
-            "n_scored": pa.array(self._count[seen].numpy(), pa.int64()),
-        }), pqt)
+        seen = table[:, 0].long()  # [N] int64
+        npy = tables.write_array(os.path.join(out_dir, "score.npy"), table.numpy())  # [N, 3] float64
+        pqt = tables.write_columns(os.path.join(out_dir, "pscores.parquet"), {
+            "index": seen.numpy(),  # int64
+            "pscore": table[:, 1].numpy(),  # float64
+            "class": self._cls[seen].numpy(),  # int64
+            "n_scored": self._count[seen].numpy(),  # int64
+        })
         png = plots.score_boxes_per_class(
             table[:, 1].numpy(), table[:, 2].long().numpy(), self.info.class_counts,
             f"batch reweighting p-scores (gamma={self.params.gamma}), {self.epochs} epoch(s)",
             "p-score averaged over epochs", os.path.join(out_dir, "pscore_per_class.png"))
-        return [pqt, npy, str(png)]
+        return [str(pqt), str(npy), str(png)]
 
     # ----- checkpointing ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -6,9 +6,9 @@ from typing import Literal
 
 import torch
 
+from rwray.datainfo import DataInfo
 from rwray.losses import LOSSES, LossConfig
 from rwray.losses.ce import CEParams
-from rwray.datainfo import DataInfo
 from rwray.methods.base import Method, StepInputs, StepOutput
 from rwray.registry import Params
 

@@ -1,9 +1,9 @@
 """Sweeps: `rwray tune JOB.yaml` searches any dotted config path with Ray Tune.
 
-Ray 2.60 (Train V2) pattern: each Tune trial is a tiny driver function that builds and fits its own TorchTrainer
-(so a trial may use many workers); Tune's report callback forwards every epoch's metrics, so ASHA can stop trials.
-MLflow: one parent run per sweep, one child run per trial (tag mlflow.parentRunId); at the end the best trial's
-config is written as a runnable job YAML and a summary table is printed and logged.
+Each trial is an ordinary run of the job with the sampled values applied (`rwray.trials`: a small driver fits its
+own TorchTrainer, Tune's report callback forwards every epoch's metrics, so ASHA can stop trials). MLflow: one
+parent run per sweep, one child run per trial (tag mlflow.parentRunId); at the end the best trial's config is
+written as a runnable job YAML and a summary table is printed and logged.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ from typing import Any
 
 import yaml
 
+from rwray import trials
 from rwray.config import Config, TuneConfig, apply_overrides, validate
+from rwray.errors import ConfigError
+from rwray.metrics import best_key, split_key
 
 
 @dataclass
@@ -60,13 +63,9 @@ def trial_config(base: dict[str, Any], sample: dict[str, Any], run_name: str | N
 def _trial(sample: dict[str, Any], base: dict[str, Any], parent_run_id: str) -> None:
     """Runs inside a Tune trial actor: a driver for one TorchTrainer."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from rwray.train.launch import run
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(base, sample, run_name=f"{base.get('name', 'rwray')}-{trial_id}")
-    run(cfg, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
+    trials.run_trial(trial_config(base, sample, run_name=f"{base.get('name', 'rwray')}-{trial_id}"), parent_run_id)
 
 
 def _scheduler(cfg: Config):
@@ -91,35 +90,23 @@ def sweep(cfg: Config) -> SweepResult:
     import ray.tune as tune
 
     from rwray import tracking
-    from rwray.train.launch import connect_ray, ensure_data, resolve_paths
+    from rwray.train.preflight import resolve_paths
 
     if cfg.tune is None:
-        from rwray.config import ConfigError
-
         raise ConfigError(["this job has no tune: block (space, metric, num_samples, ...): see jobs/sweeps/"], cfg.name)
     cfg = resolve_paths(cfg)
     tc = cfg.tune
-    uri = tracking.resolve_uri(cfg)
-    tracking.preflight(uri)
-    manifest = ensure_data(cfg)  # once, before trials start (they only verify)
-    parent = tracking.start_run(cfg, uri, manifest.sha256, {"rwray.sweep": "true"})
-    error: BaseException | None = None
-    try:
-        connect_ray(cfg, concurrent_runs=tc.max_concurrent)
+    with trials.parent_run(cfg, [cfg], {"rwray.sweep": "true"}) as parent:
         base = cfg.model_dump(mode="json")
         # Ranking trials by `best/<metric>` (best epoch on validation so far, reported every epoch) picks the trial
         # whose best validation epoch is best; ASHA compares the per-epoch metric itself at its rungs.
-        rank_key = f"best/{tc.metric}"
-        tuner = tune.Tuner(
-            tune.with_resources(partial(_trial, base=base, parent_run_id=parent), {"CPU": 0.01}),
-            param_space=search_space(tc),
-            tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, num_samples=tc.num_samples,
-                                        max_concurrent_trials=tc.max_concurrent, scheduler=_scheduler(cfg),
-                                        search_alg=_search_alg(cfg)),
-            run_config=tune.RunConfig(name=f"{cfg.name}-{parent[:8]}", storage_path=cfg.storage("tune"),
-                                      verbose=1),
-        )
-        grid = tuner.fit()
+        rank_key = best_key(tc.metric)
+        grid = trials.fit(
+            partial(_trial, base=base, parent_run_id=parent.run_id), search_space(tc),
+            tune.TuneConfig(metric=tc.metric, mode=tc.mode, num_samples=tc.num_samples,
+                            max_concurrent_trials=tc.max_concurrent, scheduler=_scheduler(cfg),
+                            search_alg=_search_alg(cfg)),
+            cfg, parent, "tune", tc.max_concurrent)
         rows, stopped = [], []
         for r in grid:
             m = r.metrics or {}
@@ -133,7 +120,7 @@ def sweep(cfg: Config) -> SweepResult:
                 status = "completed"
             rows.append({"trial": m.get("trial_id", ""), **{k: r.config.get(k) for k in tc.space}, "epochs": epochs,
                          tc.metric: m.get(rank_key, math.nan),
-                         "test/balanced_acc@best-val": m.get("best/test/balanced_acc", math.nan), "status": status})
+                         "test/balanced_acc@best-val": m.get(best_key(split_key("test", "balanced_acc")), math.nan), "status": status})
         ok = [row for row in rows if not math.isnan(row[tc.metric])]
         if not ok:
             raise RuntimeError(f"no trial of the sweep reported {tc.metric}; see the trial errors: "
@@ -143,33 +130,29 @@ def sweep(cfg: Config) -> SweepResult:
         best_cfg = trial_config(base, best_sample)
         # best.yaml and the summary are written locally (and logged to the sweep's MLflow run)
         local_root = Path(cfg.output_dir) if not cfg.remote_output else Path("rwray-sweeps")
-        out_dir = local_root / "tune" / f"{cfg.name}-{parent[:8]}"
+        out_dir = local_root / "tune" / f"{cfg.name}-{parent.run_id[:8]}"
         out_dir.mkdir(parents=True, exist_ok=True)
         best_path = out_dir / "best.yaml"
-        best_path.write_text(f"# best trial of sweep {parent} by {tc.metric} ({tc.mode}): {best_sample}\n"
+        best_path.write_text(f"# best trial of sweep {parent.run_id} by {tc.metric} ({tc.mode}): {best_sample}\n"
                              + best_cfg.to_yaml())
         summary = _markdown(rows, list(tc.space), tc.metric)
         (out_dir / "summary.md").write_text(summary)
-        log = tracking.RunLogger(uri, parent)
+        log = tracking.RunLogger(parent.uri, parent.run_id)
         log.artifact(best_path)
         log.artifact(out_dir / "summary.md")
-        log.metrics({f"best/{tc.metric}": best_row[tc.metric], "trials": len(rows)}, step=0)
-        _close_stopped_children(uri, parent, f"{cfg.name}-", dict(stopped))
-        return SweepResult(parent, uri, best_path, {**best_sample, tc.metric: best_row[tc.metric]}, rows)
-    except BaseException as e:
-        error = e
-        raise
-    finally:
-        tracking.finish(uri, parent, error)
+        log.metrics({rank_key: best_row[tc.metric], "trials": len(rows)}, step=0)
+        _close_stopped_children(parent.uri, parent.run_id, f"{cfg.name}-", dict(stopped))
+        return SweepResult(parent.run_id, parent.uri, best_path, {**best_sample, tc.metric: best_row[tc.metric]},
+                           rows)
 
 
 def _close_stopped_children(uri: str, parent: str, prefix: str, stopped: dict[str, str]) -> None:
     """A trial the scheduler stops ends mid-fit: its run was left RUNNING (actor killed) or closed as FAILED (fit
     interrupted). Tune's own verdict (no error, fewer epochs than planned) says which trials those are: mark their
     runs KILLED with the reason, so FAILED means a real failure."""
-    from rwray.tracking import client
+    from rwray import tracking
 
-    c = client(uri)
+    c = tracking.client(uri)
     run = c.get_run(parent)
     for child in c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'"):
         trial_id = child.data.tags.get("mlflow.runName", "").removeprefix(prefix)

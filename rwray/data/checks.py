@@ -1,0 +1,120 @@
+"""`verify`: check a shard directory end to end against its manifest (files present, checksums, Parquet footers,
+columns, image width, label range, class counts) and report every problem at once in one DataError.
+
+Named checks.py rather than verify.py so that `rwray.data.verify` (the function the package exports) does not
+shadow a submodule of the same name.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from rwray.data.manifest import MANIFEST, SPLITS, Manifest, file_sha256
+from rwray.errors import DataError
+
+
+def _column_range(pf: pq.ParquetFile, column: str) -> tuple[int, int] | None:
+    """(min, max) of an integer column from row-group statistics; reads the column only if statistics are absent."""
+    md = pf.metadata
+    if md.num_rows == 0:
+        return None
+    j = pf.schema_arrow.get_field_index(column)
+    lo, hi = None, None
+    for g in range(md.num_row_groups):
+        stats = md.row_group(g).column(j).statistics
+        if stats is None or not stats.has_min_max:
+            values = pf.read(columns=[column]).column(0)
+            return int(pc.min(values).as_py()), int(pc.max(values).as_py())
+        lo = stats.min if lo is None else min(lo, stats.min)
+        hi = stats.max if hi is None else max(hi, stats.max)
+    return int(lo), int(hi)
+
+
+def verify(dir: Path | str, checksums: bool = True) -> Manifest:
+    """Check a shard directory end to end; returns its Manifest or raises one DataError listing every problem.
+
+    ``checksums=False`` skips hashing the shards (the slow part on big datasets); the structural checks (files present,
+    Parquet footers readable, image width, label range, class counts) always run and read only footers.
+    """
+    m = Manifest.load(dir)  # missing directory / manifest / bad JSON: nothing else can be checked, raise now
+    d = m.dir
+    src = m.data.get("source")
+    source = src.get("name", "<source>") if isinstance(src, dict) else "<source>"
+    redo = f"re-create it with `rwray data prepare {source} --out {d} --overwrite`"
+    width = math.prod(m.image_shape)
+    k = m.num_classes
+    problems: list[str] = []
+
+    extra_splits = sorted(set(m.data["splits"]) - set(SPLITS))  # a source's extra test sets: checked the same way
+    for split in (*SPLITS, *extra_splits):
+        if split not in m.data["splits"]:
+            problems.append(f"{MANIFEST}: split {split!r} is missing. Fix: {redo}")
+            continue
+        for shard in m.split(split)["shards"]:
+            name = shard["file"]
+            path = d / name
+            if not path.is_file():
+                problems.append(f"{name}: listed in the manifest but missing from {d}. Fix: restore it or {redo}")
+                continue
+            if checksums:
+                actual = file_sha256(path)
+                if actual != shard["sha256"]:
+                    problems.append(
+                        f"{name}: sha256 mismatch (manifest expects {shard['sha256'][:12]}..., "
+                        f"file has {actual[:12]}...): "
+                        f"the file changed after it was written. Fix: {redo}"
+                    )
+            try:
+                pf = pq.ParquetFile(path)
+                schema = pf.schema_arrow
+            except Exception as e:  # truncated file, bad magic, corrupt footer
+                problems.append(
+                    f"{name}: pyarrow cannot read it ({type(e).__name__}: {e}); it is truncated or corrupt. Fix: {redo}"
+                )
+                continue
+            if schema.names != m.columns:
+                problems.append(f"{name}: columns {schema.names} differ from the manifest's {m.columns}. Fix: {redo}")
+            if pf.metadata.num_rows != shard["rows"]:
+                problems.append(f"{name}: {pf.metadata.num_rows} rows, manifest says {shard['rows']}. Fix: {redo}")
+            if "image" in schema.names:
+                t = schema.field("image").type
+                got = t.list_size if pa.types.is_fixed_size_list(t) else None
+                if got != width:
+                    problems.append(
+                        f"{name}: image column is {t} (width {got}), expected fixed-size list of {width} = C*H*W "
+                        f"for image_shape {list(m.image_shape)}. Fix: {redo}"
+                    )
+            for col in ("label", "clean_label"):
+                if col not in schema.names:
+                    continue
+                try:
+                    span = _column_range(pf, col)
+                except Exception as e:
+                    problems.append(f"{name}: cannot read column {col} ({type(e).__name__}: {e}). Fix: {redo}")
+                    continue
+                if span is not None and (span[0] < 0 or span[1] >= k):
+                    problems.append(
+                        f"{name}: {col} values span [{span[0]}, {span[1]}], outside [0, {k}) for {k} classes. "
+                        f"Fix: {redo}"
+                    )
+
+    if "train" in m.data["splits"]:
+        counts = m.class_counts("train")
+        if len(counts) != k:
+            problems.append(f"{MANIFEST}: train class_counts has {len(counts)} entries for {k} classes. Fix: {redo}")
+        empty = [m.classes[c] if c < len(m.classes) else str(c) for c, n in enumerate(counts) if n == 0]
+        if empty:
+            problems.append(
+                f"{MANIFEST}: class(es) {empty} have zero training samples; methods that divide by class counts fail. "
+                f"Fix: {redo} with a smaller imbalance factor or a larger source"
+            )
+
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise DataError(f"shard directory {d} failed verification ({len(problems)} problem(s)):\n{lines}")
+    return m

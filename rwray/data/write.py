@@ -1,0 +1,172 @@
+"""Writing a shard directory (`prepare`): a registered source -> `build_splits` -> Parquet shards per split ->
+per-channel train statistics -> manifest, assembled in a temporary sibling and moved into place atomically.
+
+The format itself (layout, columns, manifest keys) is described in `rwray.data.manifest`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rwray.data.manifest import BASE_COLUMNS, FORMAT, MANIFEST, Manifest, file_sha256
+from rwray.data.sources import SOURCES
+from rwray.data.splits import BuilderParams, Split, build_splits
+from rwray.errors import DataError
+from rwray.registry import Params
+
+# Fixed writer options: nothing here may depend on the environment or the clock, or shards stop being byte-identical.
+# One row group per shard (row_group_size = rows_per_shard) keeps a shard the unit of both IO and checksumming.
+_WRITE_OPTIONS: dict[str, Any] = dict(
+    compression="zstd",
+    compression_level=3,
+    use_dictionary=False,  # images are near-random bytes and ids are unique: dictionaries would only cost time
+    write_statistics=True,  # min/max per column chunk: `verify` range-checks labels without reading them
+    version="2.6",
+    data_page_version="1.0",
+)
+
+
+def _table(s: Split, width: int, extra_names: list[str]) -> pa.Table:
+    flat = pa.array(s.images.reshape(-1), type=pa.uint8())  # [n * C*H*W], CHW order per row
+    columns = [
+        pa.FixedSizeListArray.from_arrays(flat, width),  # [n] rows of width bytes, zero-copy over flat
+        pa.array(s.labels, pa.int64()),
+        pa.array(s.index, pa.int64()),
+    ]
+    columns += [pa.array(s.extras[n], pa.int64()) for n in extra_names]
+    schema = pa.schema(
+        [pa.field("image", pa.list_(pa.uint8(), width), nullable=False)]
+        + [pa.field(n, pa.int64(), nullable=False) for n in ("label", "index", *extra_names)]
+    )
+    return pa.Table.from_arrays(columns, schema=schema)  # no pandas metadata: built from arrow arrays only
+
+
+def _write_split(
+    split: str, s: Split, out: Path, width: int, extra_names: list[str], rows: int
+) -> list[dict[str, Any]]:
+    n = s.labels.size
+    shards = []
+    for k in range(max(1, math.ceil(n / rows))):  # an empty split still gets one (empty) shard: the schema is on disk
+        part = Split(s.images[k * rows : (k + 1) * rows], s.labels[k * rows : (k + 1) * rows],
+                     s.index[k * rows : (k + 1) * rows], {e: v[k * rows : (k + 1) * rows] for e, v in s.extras.items()})
+        name = f"{split}-{k:05d}.parquet"
+        pq.write_table(_table(part, width, extra_names), out / name, row_group_size=rows, **_WRITE_OPTIONS)
+        shards.append({"file": name, "rows": int(part.labels.size), "sha256": file_sha256(out / name)})
+    return shards
+
+
+def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (population) std in [0, 1] units of images [n, C, H, W] uint8.
+
+    Sums are exact int64 in chunks (255^2 * 50000 * 1024 ~ 3e12 is far below 2^63), so the result does not depend
+    on summation order and memory stays at one chunk of float-free integers.
+    """
+    n, c = images.shape[:2]
+    total = np.zeros(c, dtype=np.int64)
+    total_sq = np.zeros(c, dtype=np.int64)
+    for start in range(0, n, 2048):
+        chunk = images[start : start + 2048].astype(np.int64)  # [b, C, H, W]
+        total += chunk.sum(axis=(0, 2, 3))
+        total_sq += (chunk * chunk).sum(axis=(0, 2, 3))
+    count = max(1, n * images.shape[2] * images.shape[3])
+    mean = total / count / 255.0
+    var = np.maximum(total_sq / count / 255.0**2 - mean**2, 0.0)
+    return [float(v) for v in mean], [float(v) for v in np.sqrt(var)]
+
+
+def _dump_manifest(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, sort_keys=True, indent=2) + "\n").encode()
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"{out} exists and is a file, not a shard directory; choose another --out")
+    if overwrite:
+        return
+    if (out / MANIFEST).exists():
+        raise DataError(
+            f"{out} already holds prepared shards ({MANIFEST} exists); pass overwrite=True (`--overwrite`) "
+            "to replace them, or choose another output directory"
+        )
+    if any(out.iterdir()):
+        raise DataError(
+            f"{out} exists and is not empty (and is not a shard directory); choose another output directory, "
+            "or pass overwrite=True (`--overwrite`) to replace its contents"
+        )
+
+
+def prepare(source: Params, out: Path, builder: BuilderParams | None = None, overwrite: bool = False) -> Manifest:
+    """Build a shard directory at ``out`` from a registered source; returns its loaded Manifest.
+
+    Everything is written into a temporary sibling directory that is renamed onto ``out`` only when complete, so a
+    failure (or Ctrl-C) leaves either the previous contents of ``out`` or nothing, never half a dataset.
+    """
+    builder = builder if builder is not None else BuilderParams()
+    out = Path(out).expanduser().absolute()
+    _check_out(out, overwrite)  # before the (possibly slow) source build
+
+    raw = SOURCES.build(source)
+    splits = build_splits(raw, builder)
+    c, h, w = raw.image_shape
+    width = c * h * w
+    extra_names = sorted(splits["train"].extras)
+    num_classes = len(raw.classes)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # same filesystem => rename is atomic
+    tmp.mkdir()
+    try:
+        split_info = {}
+        for name in splits:  # train, val, test, then any extra test sets of the source
+            s = splits[name]
+            split_info[name] = {
+                "num_samples": int(s.labels.size),
+                "class_counts": [int(v) for v in np.bincount(s.labels, minlength=num_classes)],  # observed labels
+                "shards": _write_split(name, s, tmp, width, extra_names, builder.rows_per_shard),
+            }
+        mean, std = _channel_stats(splits["train"].images)
+        manifest = {
+            "format": FORMAT,
+            "source": source.model_dump(mode="json"),
+            "builder": builder.model_dump(mode="json"),
+            "classes": list(raw.classes),
+            "num_classes": num_classes,
+            "image_shape": [c, h, w],
+            "mean": mean,
+            "std": std,
+            "columns": [*BASE_COLUMNS, *extra_names],
+            "splits": split_info,
+        }
+        (tmp / MANIFEST).write_bytes(_dump_manifest(manifest))
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Manifest.load(out)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    # POSIX cannot rename a directory over a non-empty one: move the old one aside, swap, then delete it.
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)  # put the previous contents back
+        raise
+    shutil.rmtree(old, ignore_errors=True)

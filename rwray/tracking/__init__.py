@@ -1,0 +1,12 @@
+"""MLflow tracking: one run per job, created by the driver (`store`), logged into by rank 0 through a durable,
+buffered logger (`spool`), both over one client and retry schedule (`transport`).
+
+Which MLflow run a job continues, and from which Ray Train checkpoint, is decided in `rwray.train.identity`.
+"""
+
+from rwray.tracking.spool import BufferedRunLogger, replay, spool_dir
+from rwray.tracking.store import RunLogger, artifact_root, finish, preflight, resolve_uri, start_run
+from rwray.tracking.transport import client, quick_http
+
+__all__ = ["BufferedRunLogger", "RunLogger", "artifact_root", "client", "finish", "preflight", "quick_http",
+           "replay", "resolve_uri", "spool_dir", "start_run"]

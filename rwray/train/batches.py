@@ -1,0 +1,98 @@
+"""A worker's batches: shard rows decoded into a `Batch` on the device, and the train split cut into this rank's
+batches in an order that is a function of (seed, epoch) alone, so a restarted epoch replays exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from rwray.data.augment import augment, decode, normalize
+from rwray.datainfo import DataInfo
+
+CORE_COLUMNS = ("image", "label", "index")
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # [B, C, H, W] float, augmented and normalised
+    y: torch.Tensor  # [B] int64
+    index: torch.Tensor  # [B] int64
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Images:
+    """Turns shard rows (a dict of tensors from Ray Data or any loader) into a `Batch` on the device."""
+
+    def __init__(self, info: DataInfo, mean: list[float], std: list[float], device: torch.device):
+        self.shape = info.image_shape
+        self.device = device
+        self.mean = torch.tensor(mean, device=device)
+        self.std = torch.tensor(std, device=device)
+
+    def __call__(self, rows: dict[str, torch.Tensor], aug: str = "none", padding: int = 0,
+                 generator: torch.Generator | None = None) -> Batch:
+        x = decode(rows["image"].to(self.device, non_blocking=True), self.shape)
+        x = normalize(augment(x, aug, padding, generator), self.mean, self.std)
+        extras = {k: v.to(self.device) for k, v in rows.items() if k not in CORE_COLUMNS}
+        return Batch(x, rows["label"].to(self.device).long(), rows["index"].to(self.device).long(), extras)
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    # Augmentation and dropout randomness are a function of (seed, rank, epoch): a resumed epoch replays exactly.
+    return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)
+
+
+def _order_seed(seed: int, epoch: int) -> int:
+    # The data order is shared by every rank (they take interleaved slices of one permutation): no rank term.
+    return (seed * 2_000_003 + epoch * 7_919 + 104_729) % (2**63)
+
+
+def canonical_rows(parts: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A whole split in any chunking and any order (Ray Data hands out blocks as they come) -> one tensor per
+    column, rows sorted by the stable ``index`` id ({} for an empty split)."""
+    parts = [p for p in parts if len(p["index"])]
+    if not parts:
+        return {}
+    rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    canonical = torch.argsort(rows["index"])  # [N] ids are unique per split
+    return {k: v[canonical] for k, v in rows.items()}
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> torch.Tensor:
+    """This worker's positions in the canonical rows for one epoch, in training order: [n // world] int64.
+
+    A permutation seeded with (seed, epoch), cut to a multiple of ``world`` and dealt round-robin: rank r takes
+    positions r, r+world, ... So global step s trains on permutation positions [s*B*world, (s+1)*B*world) whatever
+    the worker count, each rank takes the same number of steps (DDP needs that), and a restarted epoch sees exactly
+    the rows, order and split it saw before.
+    """
+    g = torch.Generator().manual_seed(_order_seed(seed, epoch))
+    perm = torch.randperm(n, generator=g)  # [n]
+    return perm[rank:(n // world) * world:world]
+
+
+class TrainRows:
+    """The train split as one worker uses it: streamed from Ray Data once, kept in the worker's memory sorted by
+    ``index``, and cut each epoch into this rank's batches of the (seed, epoch) permutation (`epoch_order`).
+
+    Every worker holds the whole split: Ray's dynamic split would hand rows to whichever worker asks first, so
+    neither the order nor the split would survive a restart. Streaming it once instead of every epoch saves the
+    per-epoch Arrow-to-tensor conversion and copy; later epochs cost what an in-memory loader costs.
+    """
+
+    def __init__(self, stream: Callable[[], Iterable[dict[str, torch.Tensor]]]):
+        self._stream = stream
+        self._rows: dict[str, torch.Tensor] | None = None
+
+    def batches(self, seed: int, epoch: int, rank: int, world: int, batch_size: int
+                ) -> Iterator[dict[str, torch.Tensor]]:
+        if self._rows is None:
+            self._rows = canonical_rows(self._stream())
+        if not self._rows:
+            return
+        mine = epoch_order(len(self._rows["index"]), seed, epoch, rank, world)
+        for i in range(0, len(mine), batch_size):
+            j = mine[i:i + batch_size]
+            yield {k: v[j] for k, v in self._rows.items()}

@@ -1,0 +1,65 @@
+"""Cheap checks before any compute: paths, the resume checkpoint and the data, so bad input fails before anything
+is spent or written (tracking is checked by `rwray.tracking.store.preflight`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rwray import paths
+from rwray.config import Config
+from rwray.data import Manifest, prepare, verify
+from rwray.errors import CheckpointError, ConfigError, DataError, NotACheckpoint
+from rwray.train import checkpoint
+from rwray.train.identity import run_name
+
+
+def check_paths(cfg: Config) -> None:
+    """Refuse paths that leave their roots (rwray.paths): before resolve_paths, so messages show what the user
+    wrote. The run name becomes a folder under output_dir/ray."""
+    paths.safe_component(run_name(cfg), "tracking.run_name" if cfg.tracking.run_name else "name")
+    if cfg.resume is not None and not cfg.remote_output:
+        paths.require_inside(cfg.output_dir, cfg.resume, "resume",
+                             f"Fix: resume from a checkpoint_* folder under {cfg.storage('ray')} (copy a checkpoint "
+                             f"from elsewhere into output_dir first)")
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Absolute paths everywhere: Ray Train workers run in their own working directory."""
+    cfg = cfg.model_copy(deep=True)
+    if not cfg.remote_output:
+        cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+    cfg.data.dir = Path(cfg.data.dir).expanduser().resolve()
+    if cfg.resume is not None:
+        cfg.resume = Path(cfg.resume).expanduser().resolve()
+    if cfg.data.source is not None and getattr(cfg.data.source, "root", None) is not None:
+        cfg.data.source.root = Path(cfg.data.source.root).expanduser().resolve()
+    return cfg
+
+
+def check_resume(cfg: Config) -> None:
+    """resume= names a readable rwray checkpoint: refuse an unsafe or unreadable file here, not in every worker."""
+    if cfg.resume is None:
+        return
+    if not (cfg.resume / checkpoint.STATE).is_file():
+        raise NotACheckpoint(f"resume={cfg.resume} is not an rwray checkpoint (no {checkpoint.STATE}); use a "
+                             f"checkpoint_* folder under {cfg.storage('ray')}")
+    try:
+        checkpoint.load(cfg.resume)
+    except CheckpointError as e:
+        raise ConfigError([f"resume: {e}"], "resume") from None
+
+
+def ensure_data(cfg: Config) -> Manifest:
+    """Build the shards from data.source on first use; verify checksums, shapes and labels either way."""
+    d = cfg.data.dir
+    if not (d / "manifest.json").is_file() and cfg.data.source is not None:
+        print(f"preparing {cfg.data.source.name} shards in {d} (first use)", flush=True)
+        prepare(cfg.data.source, d, cfg.data.builder)
+    listed = Manifest.load(d)  # before verify reads a byte: every listed file must be inside d
+    paths.check_shard_files(d, [s["file"] for split in listed.data["splits"].values()
+                                for s in (split.get("shards", []) if isinstance(split, dict) else [])])
+    manifest = verify(d)
+    if manifest.num_samples("val") == 0:
+        raise DataError(f"{d} has no validation split, and models are selected on validation only: prepare it "
+                        f"with --val-per-class > 0 (data.builder.val_per_class)")
+    return manifest
