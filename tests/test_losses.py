@@ -8,7 +8,6 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-import rwray.methods  # noqa: F401  # must precede rwray.losses: losses/ce.py -> methods.base -> methods/__init__ -> losses
 from rwray.losses import LOSSES
 from rwray.losses.balanced_softmax import BalancedSoftmaxParams
 from rwray.losses.ce import CEParams
