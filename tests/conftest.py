@@ -72,6 +72,14 @@ def digits_dir(tmp_path_factory) -> Path:
     return out
 
 
+def pytest_collection_modifyitems(items):
+    """A test that uses the shared local Ray (directly or through another fixture) is a `ray` test, marked or not:
+    `-m "not ray"` must never start a cluster."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray

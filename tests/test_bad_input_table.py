@@ -25,7 +25,7 @@ import torch
 from conftest import free_port
 from reliability_report import Recorder
 from rwray import config as C
-from rwray.errors import BatchTooLarge, DataError, NonFiniteLoss, RunInUse, TrackingError
+from rwray.errors import BatchTooLarge, DataError, NonFiniteLoss, NotACheckpoint, RunInUse, TrackingError
 from rwray.datainfo import DataInfo
 from rwray.methods import METHODS
 from rwray.methods.erm import ERMParams
@@ -419,7 +419,7 @@ ROWS = [
     Row("resume-symlink-escape", "paths", "resume: a symlink inside output_dir pointing outside it",
         train(_resume_symlink), PathError, ("is outside", "it resolves to", "Fix:")),
     Row("resume-not-a-checkpoint", "paths", "resume: an empty folder inside output_dir", train(_resume_not_ckpt),
-        FileNotFoundError, ("is not an rwray checkpoint", "use a checkpoint_* folder under")),
+        NotACheckpoint, ("is not an rwray checkpoint", "use a checkpoint_* folder under")),
     Row("resume-pickled-object", "paths", "resume: a state.pt holding a pickled object that would create a file",
         train(_resume_evil), C.ConfigError, ("refusing to load checkpoint", "Unsupported global",
                                              "Fix: resume from a checkpoint_* folder this project wrote")),
