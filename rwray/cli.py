@@ -18,6 +18,28 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 
+VERBOSE = typer.Option(False, "--verbose", "-v", help="show Ray's and MLflow's own logs on the terminal "
+                       "(also RWRAY_VERBOSE=1); by default they go to the log file the start line names")
+
+
+def _show(line: str) -> None:
+    console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+@contextmanager
+def terminal(verbose: bool) -> Iterator[None]:
+    """rwray's own lines on the terminal, everybody else's in the run's log file (rwray.output); bad input as
+    its message (friendly_errors)."""
+    from rwray import output
+
+    output.setup(verbose, show=_show)
+    try:
+        with friendly_errors():
+            yield
+    finally:
+        output.teardown()
+
+
 @contextmanager
 def friendly_errors() -> Iterator[None]:
     """Every rwray error becomes its message and its exit code (2: bad input, 1: the run failed), no traceback.
@@ -28,7 +50,7 @@ def friendly_errors() -> Iterator[None]:
         yield
     except RwrayError as e:
         console.print(f"[bold red]error:[/] {type(e).__name__}", highlight=False)
-        console.print(str(e), highlight=False, markup=False)
+        console.print(str(e), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
 
 
@@ -66,8 +88,18 @@ def data_prepare(
     overwrite: bool = typer.Option(False, help="replace an existing shard directory"),
 ) -> None:
     """Write train/val/test Parquet shards and a manifest from a source."""
+    from rich import progress as rp
+    from rich.text import Text
+
     from rwray import config as C
     from rwray.data import prepare
+
+    class RowsPerSecond(rp.ProgressColumn):
+        def render(self, task) -> Text:
+            # the split's average so far (rich's own speed needs two updates; a one-shard split has one)
+            elapsed = task.finished_time or task.elapsed
+            speed = f"{task.completed / elapsed:,.0f}" if elapsed and task.completed else "-"
+            return Text(f"{speed} rows/s", style="progress.data.speed")
 
     with friendly_errors():
         raw = {"name": source, **_parse_pairs(param)}
@@ -78,7 +110,26 @@ def data_prepare(
         params, builder = C.prepare_params(raw, dict(
             imbalance=imbalance, factor=factor, val_per_class=val_per_class, seed=seed, label_noise=label_noise,
             noise_rate=noise_rate, rows_per_shard=rows_per_shard), "rwray data prepare")
-        m = prepare(params, out, builder, overwrite=overwrite)
+        columns = (rp.TextColumn("{task.description:<12}"), rp.BarColumn(), rp.MofNCompleteColumn(), RowsPerSecond(),
+                   rp.TimeElapsedColumn(), rp.TextColumn("ETA"), rp.TimeRemainingColumn())
+        with rp.Progress(*columns, console=console) as bar:
+            # Reading (and downloading) the source and splitting it come before the first shard: no count yet.
+            reading = bar.add_task(f"reading {source}", total=None)
+            tasks: dict[str, int] = {}
+
+            def shards_written(split: str, done: int, total: int) -> None:
+                if split not in tasks:
+                    if not tasks:
+                        bar.remove_task(reading)
+                    tasks[split] = bar.add_task(split, total=total)
+                bar.update(tasks[split], completed=done)
+
+            try:
+                m = prepare(params, out, builder, overwrite=overwrite, progress=shards_written)
+            except BaseException:
+                if not tasks:  # refused before any shard (e.g. --out holds shards): the message alone
+                    bar.remove_task(reading)
+                raise
         counts = {s: m.num_samples(s) for s in ("train", "val", "test")}
         console.print(f"wrote {out}: {counts}; train per class {m.class_counts('train')}")
 
@@ -95,12 +146,13 @@ def data_verify(directory: Path) -> None:
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(config: Path = typer.Argument(..., help="job YAML (see jobs/), or a bundled recipe: quickstart"),
-          overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides, e.g. optim.lr=0.05")) -> None:
+          overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides, e.g. optim.lr=0.05"),
+          verbose: bool = VERBOSE) -> None:
     """Train a job on Ray (RAY_ADDRESS or a local Ray) and record it in MLflow."""
     from rwray import config as C
     from rwray.train.launch import run
 
-    with friendly_errors():
+    with terminal(verbose):
         cfg = C.load(config, overrides or [])
         result = run(cfg)
         _summary(cfg.name, result)
@@ -108,12 +160,13 @@ def train(config: Path = typer.Argument(..., help="job YAML (see jobs/), or a bu
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def tune(config: Path = typer.Argument(..., help="job YAML with a tune: block (see jobs/sweeps/)"),
-         overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides, e.g. tune.num_samples=8")) -> None:
+         overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides, e.g. tune.num_samples=8"),
+         verbose: bool = VERBOSE) -> None:
     """Sweep a job's tune.space with Ray Tune (ASHA / random / grid / Optuna); each trial is a TorchTrainer."""
     from rwray import config as C
     from rwray.sweep import sweep
 
-    with friendly_errors():
+    with terminal(verbose):
         cfg = C.load(config, overrides or [])
         result = sweep(cfg)
         t = Table(title=f"{cfg.name}: {len(result.rows)} trials, ranked by {cfg.tune.metric} (best epoch on val)")
@@ -130,12 +183,13 @@ def tune(config: Path = typer.Argument(..., help="job YAML with a tune: block (s
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def reproduce(table: Path = typer.Argument(..., help="table YAML (see jobs/tables/)"),
-              overrides: Optional[List[str]] = typer.Argument(None, help="overrides applied to every row")) -> None:
+              overrides: Optional[List[str]] = typer.Argument(None, help="overrides applied to every row"),
+              verbose: bool = VERBOSE) -> None:
     """Run a paper table's rows x seeds as one Ray Tune grid, then print the report."""
     from rwray.report import report
     from rwray.reproduce import reproduce as run_table
 
-    with friendly_errors():
+    with terminal(verbose):
         parent = run_table(table, overrides or [])
         sys.stdout.write(report(table, parent_run_id=parent))
 
@@ -159,18 +213,16 @@ QUICKSTART = ("quickstart", "quickstart_balanced_softmax")  # bundled recipes: E
 
 @app.command()
 def quickstart(epochs: Optional[int] = typer.Option(None, help="override train.epochs"),
-               workers: int = typer.Option(2, help="Ray Train workers")) -> None:
+               workers: int = typer.Option(2, help="Ray Train workers"),
+               verbose: bool = VERBOSE) -> None:
     """Long-tailed digits on 2 local CPU workers: ERM, then a reweighting method, side by side (local MLflow)."""
     from rwray import config as C
     from rwray.train.launch import run
 
-    with friendly_errors():
+    with terminal(verbose):
         overrides = [f"scaling.num_workers={workers}"] + ([f"train.epochs={epochs}"] if epochs else [])
         configs = [C.load(name, overrides) for name in QUICKSTART]  # validate both before running either
-        results = []
-        for cfg in configs:
-            console.print(f"\n[bold]{cfg.name}[/]: {cfg.method.name} with {cfg.method.loss.name} loss", highlight=False)
-            results.append((cfg, run(cfg)))
+        results = [(cfg, run(cfg)) for cfg in configs]  # one Ray start serves both
         _comparison(results)
         db = results[-1][1].tracking_uri
         console.print(f"\nOpen the MLflow UI:  mlflow ui --backend-store-uri {db} --host 127.0.0.1 --port 5000"

@@ -52,6 +52,9 @@ class TrainConfig(Section):
     max_failures: int = Field(3, ge=0, le=1000)
     # Starting a job whose run (same output_dir + run name + configuration) is unfinished continues that run.
     auto_resume: bool = True
+    # Hand Ray Train a checkpoint every N epochs (and always after the last). A restart resumes exactly from the
+    # latest one; the epochs after it are trained again, and their metrics reach MLflow with the next checkpoint.
+    checkpoint_every: int = Field(1, ge=1)
 
 
 class ScalingConfig(Section):
@@ -59,6 +62,12 @@ class ScalingConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
+    # Memory each worker reserves, in GiB (2**30 bytes, as `ray status` counts); Ray places workers only where it
+    # is free. None: no reservation.
+    memory_per_worker_gb: float | None = Field(None, gt=0)
+    # When the current nodes cannot hold the workers but an autoscaler may add nodes, how long to wait for them
+    # before giving up (rwray.train.resources.check); with no autoscaler the run is refused at once.
+    resource_wait_s: float = Field(600.0, ge=0, le=86400)
 
 
 class TrackingConfig(Section):

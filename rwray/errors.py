@@ -64,6 +64,11 @@ class RunInUse(TrackingError):
     """Another live driver holds the same (output_dir, run name)."""
 
 
+class ResourceError(RwrayError, RuntimeError):
+    """The run's workers cannot be placed on the cluster's nodes (now, or after waiting for an autoscaler); the
+    message shows what was asked, what the nodes have, and the scaling.* values that would fit."""
+
+
 class CheckpointError(RwrayError, ValueError):
     """A checkpoint that cannot be loaded safely or at all; the message names the file and the fix."""
 

@@ -3,12 +3,16 @@
 A job names two roots: ``data.dir`` (shards, read) and ``output_dir`` (checkpoints, the local MLflow store, written).
 Everything rwray reads or writes on the job's behalf resolves (symlinks followed, ``..`` collapsed) to a place
 inside one of them: ``resume=`` inside output_dir, every shard file the manifest lists inside data.dir, the run
-name a single path component under output_dir/ray. A root itself may be a symlink (``data.dir: /data`` ->
-``/mnt/big``): the check is made against the resolved root, so only what escapes it is refused.
+name a single path component under output_dir/ray (any Unicode name: Ray sees only its `ray_safe` form). A root
+itself may be a symlink (``data.dir: /data`` -> ``/mnt/big``): the check is made against the resolved root, so only
+what escapes it is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+import unicodedata
 from pathlib import Path
 from typing import Iterable
 
@@ -42,6 +46,24 @@ def safe_component(name: str, field: str) -> str:
         raise PathError(f"{field}={name!r} {why}: it names a folder under output_dir/ray, so it must be one plain "
                         f"folder name. Fix: use letters, digits, '-', '_' or spaces, e.g. {field}=my-run")
     return name
+
+
+_NOT_RAY_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_RAY_STEM_MAX = 120  # + "-<hash>" + "-<run id>" stays far below the 255 bytes a folder name may have
+
+
+def ray_safe(name: str) -> str:
+    """``name`` as Ray may see it (Ray Train/Tune run names, the folders under output_dir/ray and /tune): ASCII
+    letters, digits, '.', '_', '-' only, because Ray encodes run names as ASCII (its metrics tags). Accents are
+    dropped (NFKD: 'Café' -> 'Cafe'), every other run of characters becomes '-'. A name that had to change gets
+    8 hex digits of its SHA-256 appended, so two different names never share a Ray folder; one with nothing left
+    becomes 'run-<hash>'. An ASCII name of those characters comes back unchanged. MLflow keeps the real name."""
+    kept = "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))
+    stem = _NOT_RAY_SAFE.sub("-", kept).strip("-.")[:_RAY_STEM_MAX].rstrip("-.")
+    if stem == name and stem:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{stem or 'run'}-{digest}"
 
 
 def check_shard_files(data_dir: str | Path, files: Iterable[str]) -> None:

@@ -16,7 +16,7 @@ import yaml
 from pydantic import Field
 
 from rwray import config as C
-from rwray import trials
+from rwray import output, trials
 from rwray.config import Config, Section
 from rwray.errors import ConfigError
 
@@ -103,5 +103,5 @@ def reproduce(path: str | Path, overrides: list[str] = ()) -> str:
             tune.TuneConfig(max_concurrent_trials=tj.table.max_concurrent), parent_cfg, parent, "reproduce",
             tj.table.max_concurrent)
         if grid.errors:
-            print(f"{len(grid.errors)} of {len(jobs) * len(tj.table.seeds)} runs failed; the report shows the rest")
+            output.say(f"{len(grid.errors)} of {len(jobs) * len(tj.table.seeds)} runs failed; the report shows the rest")
         return parent.run_id

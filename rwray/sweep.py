@@ -130,7 +130,7 @@ def sweep(cfg: Config) -> SweepResult:
         best_cfg = trial_config(base, best_sample)
         # best.yaml and the summary are written locally (and logged to the sweep's MLflow run)
         local_root = Path(cfg.output_dir) if not cfg.remote_output else Path("rwray-sweeps")
-        out_dir = local_root / "tune" / f"{cfg.name}-{parent.run_id[:8]}"
+        out_dir = local_root / "tune" / trials.tune_name(cfg, parent)  # beside Tune's own files
         out_dir.mkdir(parents=True, exist_ok=True)
         best_path = out_dir / "best.yaml"
         best_path.write_text(f"# best trial of sweep {parent.run_id} by {tc.metric} ({tc.mode}): {best_sample}\n"

@@ -7,10 +7,14 @@ callback sees every epoch (ASHA stops trials from it).
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from rwray import output
 from rwray.config import Config
+from rwray.paths import ray_safe
 
 
 @dataclass(frozen=True)
@@ -40,21 +44,39 @@ def parent_run(cfg: Config, data: Sequence[Config], tags: Mapping[str, str]) -> 
         tracking.finish(uri, run_id, error)
 
 
+def tune_name(cfg: Config, parent: Parent) -> str:
+    """Tune's run name and folder under output_dir/<kind>: ASCII (`ray_safe`); the MLflow runs keep cfg.name."""
+    return f"{ray_safe(cfg.name)}-{parent.run_id[:8]}"
+
+
 def fit(trial: Callable[[dict[str, Any]], None], param_space: dict[str, Any], tune_config: Any, cfg: Config,
         parent: Parent, kind: str, concurrent: int):
     """Run the trials on Ray (joined or started for ``concurrent`` trials at once); returns Tune's ResultGrid.
-    Tune's own files go to ``output_dir/<kind>/<name>-<parent id>``."""
+    Tune's own files go to ``output_dir/<kind>/<tune_name>``."""
     import ray.tune as tune
 
     from rwray.train.rayenv import connect_ray
+    from rwray.train.resources import check
 
+    logs = output.log_to(Path(cfg.output_dir if not cfg.remote_output else tempfile.gettempdir()) / "logs"
+                         / f"{tune_name(cfg, parent)}.log")
+    if logs is not None:
+        output.say(f"{cfg.name}: Ray Tune trials on up to {concurrent} at once; logs: {logs}")
     connect_ray(cfg, concurrent_runs=concurrent)
+    # One trial's workers must fit the cluster (else every trial would wait forever); trials beyond what the
+    # nodes hold side by side run after the others.
+    fits = check(cfg, trials=concurrent, say=output.say)
+    if fits < concurrent:
+        output.say(f"the cluster holds {fits} of {concurrent} trials at once (tune.max_concurrent): the rest queue")
+        tune_config.max_concurrent_trials = fits
     tuner = tune.Tuner(
         # The trial function is only a driver: its TorchTrainer's workers reserve the real resources.
         tune.with_resources(trial, {"CPU": 0.01}),
         param_space=param_space,
         tune_config=tune_config,
-        run_config=tune.RunConfig(name=f"{cfg.name}-{parent.run_id[:8]}", storage_path=cfg.storage(kind), verbose=1),
+        run_config=tune.RunConfig(name=tune_name(cfg, parent), storage_path=cfg.storage(kind),
+                                  # Tune's status tables would bury the trials' epoch lines; --verbose shows them
+                                  verbose=0 if output.captured() else 1),
     )
     return tuner.fit()
 

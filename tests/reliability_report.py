@@ -122,8 +122,9 @@ every epoch so far. Errors a restart would only repeat (non-finite loss, out of 
 programming errors) are not retried: a Ray Train callback turns them into a controller error, which Ray does not
 retry, and the driver re-raises the original exception.
 
-**Metrics exactly once.** Rank 0 logs an epoch's metrics only after that epoch's checkpoint is reported, at
-step = epoch, and never logs an epoch twice: before sending, it asks the server which epochs the run already has
+**Metrics exactly once.** Rank 0 logs an epoch's metrics only after a checkpoint covering that epoch is reported
+(every epoch by default; with `train.checkpoint_every: N`, the epochs since the last checkpoint go together with the
+next one), at step = epoch, and never logs an epoch twice: before sending, it asks the server which epochs the run already has
 (`train/loss` is sent last in each epoch's batch, so its presence means the whole epoch arrived) and drops
 duplicates; a restart skips the epochs the restored checkpoint covers, and fills any gap left by a worker that
 died between reporting and logging from the metrics stored in the checkpoint, with their original timestamps (the
@@ -132,9 +133,11 @@ MLflow store deduplicates identical rows, so a re-sent batch does not duplicate 
 **Preemption / stopped driver.** SIGTERM (`kill`, `ray job stop`, a scheduler's notice) and Ctrl-C end the driver
 cleanly and mark the MLflow run KILLED. A run is identified by `output_dir` + run name (`tracking.run_name`, else
 `name`). On start, rwray looks for the newest MLflow run in the experiment with that identity; it continues it
-(same MLflow run id, same Ray Train folder `output_dir/ray/<run name>-<run id[:8]>`, from which Ray Train V2
+(same MLflow run id, same Ray Train folder `output_dir/ray/<ASCII form of the run name>-<run id[:8]>`, from which
+Ray Train V2
 restores the latest checkpoint) when all hold: it is not FINISHED, its configuration fingerprint is the same
-(everything but `resume`, `tracking`, `scaling`, `tune`, `reference`, `train.max_failures`, `train.auto_resume`),
+(everything but `resume`, `tracking`, `scaling`, `tune`, `reference`, `train.max_failures`, `train.auto_resume`,
+`train.checkpoint_every`),
 its parent run is the same (sweeps and tables start fresh children), and Ray recorded a checkpoint for it.
 Otherwise a new run starts (a FINISHED run with the same name is never reopened; an explicit `resume=` always
 starts a new run from that checkpoint; `train.auto_resume: false` turns continuation off). A file lock under

@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import free_port, job
-from rwray.errors import DataError, NonFiniteLoss, TrackingError
+from rwray.errors import DataError, NonFiniteLoss, ResourceError, TrackingError
 from rwray.datainfo import DataInfo
 from rwray.methods import METHODS
 from rwray.methods.erm import ERMParams
@@ -128,3 +128,19 @@ def test_non_finite_loss_on_ray_marks_the_run_failed(tmp_path, digits_dir, ray_l
     exp = client.get_experiment_by_name("tests")
     (r,) = client.search_runs([exp.experiment_id])
     assert r.info.status == "FAILED" and "NonFiniteLoss" in r.data.tags["rwray.error"]
+
+
+@pytest.mark.parametrize("scaling, fix", [({"use_gpu": True}, "scaling.use_gpu=false"),
+                                          ({"num_workers": 64}, "scaling.num_workers=")])
+def test_a_request_no_node_can_hold_fails_before_training(tmp_path, digits_dir, ray_local, scaling, fix):
+    """A GPU on a machine without one, or more workers than the local Ray has CPUs: refused before any worker
+    starts (Ray Train would wait for them forever), the MLflow run FAILED with the reason, no checkpoint."""
+    cfg = job(tmp_path, digits_dir, scaling=scaling)
+    with pytest.raises(ResourceError) as e:
+        run(cfg)
+    msg = str(e.value)
+    assert "The cluster has 1 node: CPU 6," in msg and fix in msg
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (r,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert r.info.status == "FAILED" and r.data.tags["rwray.error"].startswith("ResourceError: cannot start")
+    assert not list((tmp_path / "runs" / "ray").glob("*/checkpoint_*"))

@@ -434,6 +434,35 @@ def test_train_rows_stream_once_and_give_the_epoch_order():
     assert list(TrainRows(lambda: iter([])).batches(0, 0, 0, 1, 4)) == []  # an empty split: no batch
 
 
+def test_eval_rows_score_each_sample_once_and_a_kept_split_is_streamed_once():
+    """Eval input: rank r scores the rows with index % world == r, so the ranks together score every row exactly
+    once; a split that fits is streamed on the first evaluation only and gives the same rows every time after."""
+    from rwray.train.batches import EvalRows
+
+    n = 23
+    rows = {"index": torch.arange(n).flip(0) + 100, "label": torch.arange(n) % 5}
+    parts = [{k: v[i:i + 6] for k, v in rows.items()} for i in range(0, n, 6)]
+    for keep in (True, False):
+        streamed = []
+
+        def stream():
+            streamed.append(1)
+            return iter(parts)
+
+        evals = [EvalRows(stream, rank, 2, keep) for rank in (0, 1)]
+        seen = []
+        for _ in range(3):  # three evaluations
+            for r, ev in enumerate(evals):
+                got = torch.cat([b["index"] for b in ev.batches(4)])
+                assert (got % 2 == r).all()
+                if keep:  # kept rows are in index order, cut into batches of 4 (12 and 11 rows)
+                    assert [len(b["index"]) for b in ev.batches(4)] == ([4, 4, 4] if r == 0 else [4, 4, 3])
+                    assert torch.equal(got, got.sort().values)
+                seen.append(sorted(got.tolist()))
+        assert sorted(seen[0] + seen[1]) == list(range(100, 100 + n)) and seen[:2] * 3 == seen
+        assert len(streamed) == (2 if keep else 2 * 3)  # kept: once per rank; else every evaluation
+
+
 def test_logger_sends_each_epoch_once_and_picks_up_a_dead_loggers_spool(tmp_path):
     """BufferedRunLogger against a real (sqlite) MLflow store: an epoch logged twice is sent once; items left in
     the spool by a logger that never sent them are sent by its successor; nothing is left behind."""

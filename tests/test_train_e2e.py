@@ -1,12 +1,16 @@
-"""`rwray train` for real: digits shards -> Ray Data -> 2-worker TorchTrainer -> MLflow, read back with MlflowClient."""
+"""`rwray train` for real: digits shards -> Ray Data -> 2-worker TorchTrainer -> MLflow, read back with MlflowClient.
+Jobs are named in Unicode: MLflow keeps the name, Ray sees its ASCII form (`rwray.paths.ray_safe`)."""
 
 import pytest
+from conftest import job
 from mlflow.tracking import MlflowClient
 
-from conftest import job
+from rwray.paths import ray_safe
+from rwray.train import checkpoint
 from rwray.train.launch import run
 
 pytestmark = pytest.mark.ray
+NAME = "实验 ☃ erm"  # Ray encodes run names as ASCII: this name once failed in Ray Train's metrics
 
 
 def _artifacts(client, run_id, path=""):
@@ -19,6 +23,8 @@ def _artifacts(client, run_id, path=""):
 def _check_run(client: MlflowClient, run_id: str, epochs: list[int]):
     r = client.get_run(run_id)
     assert r.info.status == "FINISHED"
+    assert r.info.run_name == NAME and r.data.params["name"] == NAME
+    assert r.data.tags["rwray.ray_run"] == f"{ray_safe(NAME)}-{run_id[:8]}" == f"erm-d9d4d7bb-{run_id[:8]}"
     assert r.data.params["optim.lr"] == "0.05" and r.data.params["scaling.num_workers"] == "2"
     assert len(r.data.tags["rwray.data_manifest_sha256"]) == 64 and "version.ray" in r.data.tags
     for key in ("val/balanced_acc", "test/balanced_acc", "test/top1", "train/loss", "val/few_acc", "test/class_acc/9"):
@@ -33,24 +39,33 @@ def _check_run(client: MlflowClient, run_id: str, epochs: list[int]):
 
 
 def test_train_embedded_store_two_workers_then_resume(tmp_path, digits_dir, ray_local):
-    cfg = job(tmp_path, digits_dir)
+    cfg = job(tmp_path, digits_dir, name=NAME, tracking={"experiment": "测试 tests"})
     res = run(cfg)
     assert res.tracking_uri.startswith("sqlite:///") and str(tmp_path) in res.tracking_uri
     client = MlflowClient(res.tracking_uri)
-    _check_run(client, res.run_id, [0, 1])
+    r = _check_run(client, res.run_id, [0, 1])
+    assert client.get_experiment(r.info.experiment_id).name == "测试 tests"
+    # the Ray Train folder (and the checkpoint in it) has the ASCII name; the lock folder is rwray's
+    ray_dirs = sorted(p.name for p in (tmp_path / "runs" / "ray").iterdir())
+    assert ray_dirs == [".locks", f"erm-d9d4d7bb-{res.run_id[:8]}"]
+    assert res.checkpoint_path is not None
+    assert res.checkpoint_path.startswith(str(tmp_path / "runs" / "ray" / ray_dirs[1]))
     # learning happened on real data: at least twice the 10 % of chance on the balanced test split
     assert res.metrics["test/top1"] > 0.2
     assert 0 <= res.metrics["best/epoch"] <= 1
-    # the checkpoint carries the resolved config; resuming continues at epoch 2 and logs only the new epoch
-    assert res.checkpoint_path is not None
-    resumed = run(job(tmp_path, digits_dir, train={"epochs": 3}, resume=res.checkpoint_path))
+    # the checkpoint carries the resolved config; resuming continues at epoch 2 and logs only the new epochs. With
+    # train.checkpoint_every=2 Ray gets checkpoints after epochs 3 and 4 (the last) only; every epoch is logged once
+    resumed = run(job(tmp_path, digits_dir, name=NAME, tracking={"experiment": "测试 tests"},
+                      train={"epochs": 5, "checkpoint_every": 2}, resume=res.checkpoint_path))
     steps = [m.step for m in client.get_metric_history(resumed.run_id, "val/balanced_acc")]
-    assert steps == [2]
+    assert sorted(steps) == [2, 3, 4]
     assert resumed.metrics["best/epoch"] >= res.metrics["best/epoch"]
+    folder = tmp_path / "runs" / "ray" / f"erm-d9d4d7bb-{resumed.run_id[:8]}"
+    assert sorted(checkpoint.load(c)["epoch"] for c in folder.glob("checkpoint_*") if c.is_dir()) == [3, 4]
 
 
 def test_train_against_real_mlflow_server(tmp_path, digits_dir, ray_local, mlflow_server):
-    cfg = job(tmp_path, digits_dir, tracking={"uri": mlflow_server, "experiment": "server-test"},
+    cfg = job(tmp_path, digits_dir, name=NAME, tracking={"uri": mlflow_server, "experiment": "服务器 server-test"},
               scaling={"num_workers": 2})
     res = run(cfg)
     assert res.tracking_uri == mlflow_server

@@ -12,7 +12,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +35,11 @@ _WRITE_OPTIONS: dict[str, Any] = dict(
     data_page_version="1.0",
 )
 
+# progress(split, rows written so far, rows in the split): once with 0 before a split's first shard, then after
+# every shard, so counts rise monotonically to the split's size. Splits come in manifest order (train, val, test,
+# extra test sets).
+Progress = Callable[[str, int, int], None]
+
 
 def _table(s: Split, width: int, extra_names: list[str]) -> pa.Table:
     flat = pa.array(s.images.reshape(-1), type=pa.uint8())  # [n * C*H*W], CHW order per row
@@ -52,16 +57,22 @@ def _table(s: Split, width: int, extra_names: list[str]) -> pa.Table:
 
 
 def _write_split(
-    split: str, s: Split, out: Path, width: int, extra_names: list[str], rows: int
+    split: str, s: Split, out: Path, width: int, extra_names: list[str], rows: int, progress: Progress | None = None
 ) -> list[dict[str, Any]]:
     n = s.labels.size
     shards = []
+    done = 0
+    if progress is not None:
+        progress(split, 0, int(n))
     for k in range(max(1, math.ceil(n / rows))):  # an empty split still gets one (empty) shard: the schema is on disk
         part = Split(s.images[k * rows : (k + 1) * rows], s.labels[k * rows : (k + 1) * rows],
                      s.index[k * rows : (k + 1) * rows], {e: v[k * rows : (k + 1) * rows] for e, v in s.extras.items()})
         name = f"{split}-{k:05d}.parquet"
         pq.write_table(_table(part, width, extra_names), out / name, row_group_size=rows, **_WRITE_OPTIONS)
         shards.append({"file": name, "rows": int(part.labels.size), "sha256": file_sha256(out / name)})
+        done += int(part.labels.size)
+        if progress is not None:
+            progress(split, done, int(n))
     return shards
 
 
@@ -107,8 +118,12 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
 
 
-def prepare(source: Params, out: Path, builder: BuilderParams | None = None, overwrite: bool = False) -> Manifest:
+def prepare(source: Params, out: Path, builder: BuilderParams | None = None, overwrite: bool = False,
+            progress: Progress | None = None) -> Manifest:
     """Build a shard directory at ``out`` from a registered source; returns its loaded Manifest.
+
+    ``progress(split, done_rows, total_rows)`` (see `Progress`) is called as each split's shards are written; it
+    is not called while the source itself is read and split, which comes first.
 
     Everything is written into a temporary sibling directory that is renamed onto ``out`` only when complete, so a
     failure (or Ctrl-C) leaves either the previous contents of ``out`` or nothing, never half a dataset.
@@ -134,7 +149,7 @@ def prepare(source: Params, out: Path, builder: BuilderParams | None = None, ove
             split_info[name] = {
                 "num_samples": int(s.labels.size),
                 "class_counts": [int(v) for v in np.bincount(s.labels, minlength=num_classes)],  # observed labels
-                "shards": _write_split(name, s, tmp, width, extra_names, builder.rows_per_shard),
+                "shards": _write_split(name, s, tmp, width, extra_names, builder.rows_per_shard, progress),
             }
         mean, std = _channel_stats(splits["train"].images)
         manifest = {

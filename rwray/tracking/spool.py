@@ -11,12 +11,12 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from rwray import output
 from rwray.config import Config
 from rwray.metrics import TRAIN_LOSS
 from rwray.tracking.transport import client, quick_http, retry
@@ -99,9 +99,8 @@ class BufferedRunLogger:
             with contextlib.suppress(OSError):
                 self.spool.parent.rmdir()  # tracking-spool/ itself, when no other run has items waiting
         elif self.verbose:
-            print(f"tracking: {left} item(s) for run {self.run_id} could not be sent to {self.uri} within "
-                  f"{timeout_s:.0f} s; kept in {self.spool} and sent when this run is next started or finished",
-                  file=sys.stderr, flush=True)
+            output.say(f"tracking: {left} item(s) for run {self.run_id} could not be sent to {self.uri} within "
+                       f"{timeout_s:.0f} s; kept in {self.spool} and sent when this run is next started or finished")
         return left
 
     def _put(self, item: dict[str, Any], attach: Path | None = None) -> None:
@@ -156,8 +155,8 @@ class BufferedRunLogger:
         if self._outage_since is None:
             self._outage_since = time.monotonic()
             if self.verbose:
-                print(f"tracking: cannot log to {self.uri} ({type(e).__name__}: {str(e)[:160]}); "
-                      f"buffering in {self.spool} and retrying", file=sys.stderr, flush=True)
+                output.say(f"tracking: cannot log to {self.uri} ({type(e).__name__}: {str(e)[:160]}); "
+                           f"buffering in {self.spool} and retrying")
         with self._cv:
             self._busy = False
             self._cv.notify_all()
@@ -170,8 +169,8 @@ class BufferedRunLogger:
         self.sent += 1
         if self._outage_since is not None:
             if self.verbose:
-                print(f"tracking: {self.uri} reachable again after {time.monotonic() - self._outage_since:.0f}"
-                      f" s; sending the buffered items", file=sys.stderr, flush=True)
+                output.say(f"tracking: {self.uri} reachable again after {time.monotonic() - self._outage_since:.0f}"
+                           f" s; sending the buffered items")
             self._outage_since = None
 
     def _send(self, c, path: Path) -> None:

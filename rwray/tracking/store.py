@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Mapping
 
+from rwray import output
 from rwray.config import Config
 from rwray.errors import TrackingError
 from rwray.tracking.spool import replay
@@ -142,12 +142,12 @@ def finish(uri: str, run_id: str, error: BaseException | None, status: str | Non
     errors: list[Exception] = []
     if not retry(terminate, sleep_until(deadline), max_delay_s=10.0, on_error=errors.append):
         last = errors[-1]
-        print(f"tracking: could not mark run {run_id} {status} at {uri} ({type(last).__name__}: "
-              f"{str(last)[:200]}); training itself is unaffected", file=sys.stderr, flush=True)
+        output.say(f"tracking: could not mark run {run_id} {status} at {uri} ({type(last).__name__}: "
+                   f"{str(last)[:200]}); training itself is unaffected")
         return False
     if left:
-        print(f"tracking: {left} item(s) of run {run_id} are still unsent in {spool_dir}; they are sent the "
-              f"next time this run name is started", file=sys.stderr, flush=True)
+        output.say(f"tracking: {left} item(s) of run {run_id} are still unsent in {spool_dir}; they are sent the "
+                   f"next time this run name is started")
     return True
 
 

@@ -96,3 +96,29 @@ class TrainRows:
         for i in range(0, len(mine), batch_size):
             j = mine[i:i + batch_size]
             yield {k: v[j] for k, v in self._rows.items()}
+
+
+class EvalRows:
+    """An eval split as one worker scores it: the rows with ``index % world == rank``, so each sample is scored
+    exactly once across workers (Ray's equal split would drop rows). Kept in memory after the first pass when
+    ``keep`` (the split fits): later epochs skip Ray Data's per-iteration execution and the Arrow-to-tensor copy.
+    """
+
+    def __init__(self, stream: Callable[[], Iterable[dict[str, torch.Tensor]]], rank: int, world: int, keep: bool):
+        self._stream, self.rank, self.world, self.keep = stream, rank, world, keep
+        self._rows: dict[str, torch.Tensor] | None = None
+
+    def _mine(self) -> Iterator[dict[str, torch.Tensor]]:
+        for rows in self._stream():
+            mine = rows["index"] % self.world == self.rank
+            yield {k: v[mine] for k, v in rows.items()}
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        if not self.keep:
+            yield from self._mine()
+            return
+        if self._rows is None:
+            self._rows = canonical_rows(self._mine())
+        n = len(self._rows["index"]) if self._rows else 0
+        for i in range(0, n, batch_size):
+            yield {k: v[i:i + batch_size] for k, v in self._rows.items()}

@@ -16,6 +16,7 @@ from typing import Mapping
 
 from rwray.config import Config
 from rwray.errors import RunInUse
+from rwray.paths import ray_safe
 from rwray.tracking.store import start_run
 from rwray.tracking.transport import client
 from rwray.train import checkpoint
@@ -23,7 +24,7 @@ from rwray.train import checkpoint
 RESUMABLE = ("RUNNING", "SCHEDULED", "KILLED", "FAILED")  # every status but FINISHED
 # Fields that may differ between a run and its continuation: where it runs, how it is tracked and retried.
 _NOT_IDENTITY = {"resume", "tracking", "scaling", "tune", "reference"}
-_NOT_IDENTITY_TRAIN = {"max_failures", "auto_resume"}
+_NOT_IDENTITY_TRAIN = {"max_failures", "auto_resume", "checkpoint_every"}
 
 
 def run_name(cfg: Config) -> str:
@@ -45,7 +46,7 @@ def config_fingerprint(cfg: Config) -> str:
 @dataclass
 class RunHandle:
     run_id: str
-    ray_name: str  # the Ray Train run folder under output_dir/ray
+    ray_name: str  # the Ray Train run name and folder under output_dir/ray: ASCII (`ray_safe`), MLflow's is real
     resumed: bool
     checkpoint: str | None = None  # the checkpoint a resumed run continues from
     note: str = ""  # why an existing run of the same name was not continued, if one existed
@@ -102,7 +103,7 @@ def start_or_resume(cfg: Config, uri: str, manifest_sha256: str, extra_tags: Map
                 c.set_terminated(old.info.run_id, status="KILLED")
     tags.update({"rwray.run_key": key, "rwray.config_sha256": fp})
     run_id = start_run(cfg, uri, manifest_sha256, tags)
-    ray_name = f"{run_name(cfg)}-{run_id[:8]}"
+    ray_name = f"{ray_safe(run_name(cfg))}-{run_id[:8]}"  # Ray takes ASCII run names only
     c.set_tag(run_id, "rwray.ray_run", ray_name)
     return RunHandle(run_id, ray_name, False, None, note)
 

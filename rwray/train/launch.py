@@ -13,12 +13,16 @@ checkpoint, in the same MLflow run.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
-from rwray import tracking
+from rwray import output, tracking
 from rwray.config import Config
+from rwray.data import Manifest
 from rwray.errors import Interrupted
+from rwray.train import resources
 from rwray.train.identity import RunLock, run_name, start_or_resume
 from rwray.train.loop import train_loop_per_worker
 from rwray.train.preflight import check_paths, check_resume, ensure_data, resolve_paths
@@ -51,10 +55,12 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
     with RunLock(cfg):
         handle = start_or_resume(cfg, uri, manifest.sha256, run_tags, auto_resume=cfg.train.auto_resume)
         run_id = handle.run_id
+        logs = output.log_to(log_path(cfg, handle.ray_name))
+        output.say(start_line(cfg, manifest, uri, run_id, logs))
         if handle.resumed:
-            print(f"continuing run {run_name(cfg)!r} ({run_id[:8]}) from {handle.checkpoint}", flush=True)
+            output.say(f"continuing run {run_name(cfg)!r} ({run_id[:8]}) from {handle.checkpoint}")
         elif handle.note:
-            print(f"starting a new run {run_name(cfg)!r}: {handle.note}", flush=True)
+            output.say(f"starting a new run {run_name(cfg)!r}: {handle.note}")
         spool = tracking.spool_dir(cfg, run_id)
         if handle.resumed:  # what a previous driver's workers could not send goes first
             tracking.replay(uri, run_id, spool, timeout_s=min(flush_s, 30.0))
@@ -62,15 +68,15 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
         try:
             with signals():
                 connect_ray(cfg)
-                resources = {"CPU": cfg.scaling.cpus_per_worker,
-                             **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {})}
+                resources.check(cfg, say=output.say)  # a request no node can hold fails here, in seconds
                 trainer = TorchTrainer(
                     train_loop_per_worker,
                     train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
-                                       "spool_dir": spool,
+                                       "spool_dir": spool, "label": run_name(cfg) if parent_run_id else "",
                                        "status_dir": os.environ.get("RWRAY_WORKER_STATUS_DIR")},
                     scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers,
-                                                           use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources),
+                                                           use_gpu=cfg.scaling.use_gpu,
+                                                           resources_per_worker=resources.request(cfg).bundle),
                     run_config=ray.train.RunConfig(
                         # Reusing the name and storage path is what makes Ray Train V2 restore the run's latest
                         # checkpoint for a restarted driver (ray.train.get_checkpoint() in the loop).
@@ -96,3 +102,20 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
             raise error from None
         finally:
             tracking.finish(uri, run_id, error, spool_dir=spool, timeout_s=flush_s)
+
+
+def log_path(cfg: Config, ray_name: str) -> Path:
+    """Where Ray's and MLflow's lines of this run go: beside its Ray folder, or in the temporary folder when
+    output_dir is an object store."""
+    root = Path(tempfile.gettempdir()) / "rwray-logs" if cfg.remote_output else Path(cfg.output_dir) / "logs"
+    return root / f"{ray_name}.log"
+
+
+def start_line(cfg: Config, manifest: Manifest, uri: str, run_id: str, logs: Path | None) -> str:
+    s = cfg.scaling
+    per_worker = f"{s.cpus_per_worker:g} CPU" + (f" + {s.gpus_per_worker:g} GPU" if s.use_gpu else "")
+    sizes = ", ".join(f"{manifest.num_samples(split)} {split}" for split in ("train", *manifest.eval_splits))
+    where = f"; logs: {logs}" if logs is not None else ""
+    return (f"{run_name(cfg)}: {cfg.method.name}/{cfg.method.loss.name} on {Path(cfg.data.dir).name} ({sizes}); "
+            f"{s.num_workers} worker{'s' if s.num_workers != 1 else ''} x {per_worker}; "
+            f"MLflow run {run_id[:8]} at {uri}{where}")

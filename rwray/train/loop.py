@@ -13,7 +13,7 @@ are logged once, after its checkpoint is reported; a restart skips what the rest
 from __future__ import annotations
 
 import json
-import os
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from rwray import dist
+from rwray import dist, output
 from rwray.config import Config
 from rwray.data import Manifest
 from rwray.datainfo import DataInfo
@@ -32,7 +32,6 @@ from rwray.metrics import (
     BEST_EPOCH,
     EPOCH_S,
     SAMPLES_PER_S,
-    TRAIN_LOSS,
     TRAIN_LR,
     TRAIN_SAMPLES,
     best_key,
@@ -45,19 +44,22 @@ from rwray.models import MODELS
 from rwray.optim import build_optimizer, build_scheduler
 from rwray.tracking import BufferedRunLogger
 from rwray.train import checkpoint
-from rwray.train.batches import Batch, Images, TrainRows, epoch_seed
+from rwray.train.batches import Batch, EvalRows, Images, TrainRows, epoch_seed
 from rwray.train.epoch import evaluate, train_epoch
+from rwray.train.progress import EpochTicker, progress_line, status_writer
 from rwray.train.rayenv import quiet_data
 
+EVAL_KEEP_BYTES = 1 << 30
 
 def train_loop_per_worker(job: dict[str, Any]) -> None:
     import ray.train
 
     quiet_data()
     w = build(Config.model_validate(job["config"]))
+    w.label = job.get("label", "")
     restore(w, ray.train.get_checkpoint())
     log = open_log(job, w)
-    status = _status_writer(job.get("status_dir"), w.rank, w.start_epoch)
+    status = status_writer(job.get("status_dir"), w.rank, w.start_epoch)
     data = Data(w)
     for epoch in range(w.start_epoch, w.cfg.train.epochs):
         metrics, improved = run_epoch(w, data, epoch, status)
@@ -87,6 +89,8 @@ class Worker:
     start_epoch: int = 0
     best: dict[str, Any] = field(default_factory=lambda: {"score": float("-inf"), "epoch": -1, "cms": {}})
     history: dict[int, dict[str, Any]] = field(default_factory=dict)  # epoch -> {"ts": ms, "metrics": {...}}
+    logged: int = -1  # the last epoch whose metrics went to MLflow
+    label: str = ""  # starts this run's terminal lines when several runs share the terminal (a sweep's trials)
 
 
 def build(cfg: Config) -> Worker:
@@ -139,9 +143,17 @@ def open_log(job: dict[str, Any], w: Worker) -> BufferedRunLogger | None:
     if w.rank != 0:
         return None
     log = BufferedRunLogger(job["tracking_uri"], job["run_id"], job["spool_dir"])
-    for e in sorted(w.history):
-        log.log_epoch(e, w.history[e]["metrics"], w.history[e]["ts"])
+    log_epochs(w, log)
     return log
+
+
+def log_epochs(w: Worker, log: BufferedRunLogger) -> None:
+    """Send the epochs a checkpoint covers and MLflow has not seen, with the timestamps they were first logged
+    with (a copy that did arrive before a restart is not duplicated)."""
+    for e in sorted(w.history):
+        if e > w.logged:
+            log.log_epoch(e, w.history[e]["metrics"], w.history[e]["ts"])
+            w.logged = e
 
 
 # -------------------------------------------------------------------------------------------------------- the data
@@ -159,6 +171,16 @@ class Data:
         self.gen = torch.Generator(device=w.device)
         self.train_rows = TrainRows(lambda: ray.train.get_dataset_shard("train").iter_torch_batches(
             batch_size=4096, prefetch_batches=2))
+        # An eval split this worker's share of which fits in EVAL_KEEP_BYTES is read once and kept (its images as
+        # stored: uint8, C*H*W bytes a row); a larger one is streamed from Ray Data at every evaluation.
+        row_bytes = math.prod(w.info.image_shape)
+        self.eval_rows = {}
+        for split in w.manifest.eval_splits:
+            keep = w.manifest.num_samples(split) * row_bytes / w.world <= EVAL_KEEP_BYTES
+            batch = 4096 if keep else w.cfg.data.eval_batch_size
+            self.eval_rows[split] = EvalRows(
+                lambda split=split, batch=batch: ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=batch),
+                w.rank, w.world, keep)
 
     def train(self, epoch: int) -> Iterator[Batch]:
         cfg, w = self.w.cfg, self.w
@@ -167,14 +189,8 @@ class Data:
             yield self.images(rows, cfg.data.augment, cfg.data.crop_padding, self.gen)
 
     def eval(self, split: str) -> Iterator[Batch]:
-        import ray.train
-
-        # Eval splits are not split by Ray (its equal split drops rows): every worker reads the split and keeps
-        # the rows with index % world == rank, so each sample is scored exactly once.
-        w = self.w
-        for rows in ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=w.cfg.data.eval_batch_size):
-            mine = rows["index"] % w.world == w.rank
-            yield self.images({k: v[mine] for k, v in rows.items()})
+        for rows in self.eval_rows[split].batches(self.w.cfg.data.eval_batch_size):
+            yield self.images(rows)
 
 
 # ------------------------------------------------------------------------------------------------------- one epoch
@@ -188,8 +204,16 @@ def run_epoch(w: Worker, data: Data, epoch: int, status: Callable[[int, int], No
     torch.manual_seed(epoch_seed(cfg.train.seed, w.rank, epoch))
     w.method.begin_epoch(epoch)
     status(epoch, -1)
+    steps = -(-(w.manifest.num_samples("train") // w.world) // cfg.data.batch_size)  # this rank's batches
+    ticker = EpochTicker(epoch, steps, cfg.data.batch_size * w.world)
+
+    def on_step(step: int) -> None:
+        status(epoch, step)
+        if w.rank == 0 and (line := ticker.step(step)) is not None:  # an epoch longer than ~30 s
+            say(w, line)
+
     metrics = train_epoch(w.model, w.method, w.opt, data.train(epoch), epoch, cfg.train.grad_accum, cfg.train.amp,
-                          on_step=lambda step: status(epoch, step))
+                          on_step=on_step)
     metrics[TRAIN_LR] = w.opt.param_groups[0]["lr"]
     w.sched.step()
     metrics.update(w.method.end_epoch(epoch))
@@ -220,51 +244,32 @@ def select_best(w: Worker, epoch: int, metrics: dict[str, float], cms: dict[str,
 
 def report_epoch(w: Worker, epoch: int, metrics: dict[str, float], improved: bool,
                  log: BufferedRunLogger | None) -> None:
-    """Report the epoch's checkpoint (rank 0 writes it) to Ray Train, then log its metrics."""
+    """Report the epoch to Ray Train, with a checkpoint (rank 0 writes it) every train.checkpoint_every epochs and
+    after the last; then log the metrics the checkpoint covers."""
     import ray.train
 
+    cfg = w.cfg.train
     w.history[epoch] = {"ts": int(time.time() * 1000), "metrics": dict(metrics)}
+    due = (epoch + 1) % cfg.checkpoint_every == 0 or epoch == cfg.epochs - 1
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
-        if w.rank == 0:
+        if w.rank == 0 and (due or improved):  # the best epoch's state is logged even between checkpoints
             checkpoint.save(tmp, checkpoint_state(w, epoch), w.cfg.to_yaml())
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ckpt = ray.train.Checkpoint.from_directory(tmp) if due else None
         ray.train.report(metrics, checkpoint=ckpt)
         if log is not None:
-            # Only now: a restart resumes after this epoch, so it will not run (and log) it again.
-            log.log_epoch(epoch, metrics, w.history[epoch]["ts"])
+            if due:  # only now: a restart resumes after this epoch, so it will not run (and log) these again
+                log_epochs(w, log)
             if improved:
                 log.artifact(Path(tmp) / checkpoint.STATE, "checkpoints/best")
-            print(progress_line(epoch, w.cfg.train.epochs, metrics, w.cfg.train.select_metric), flush=True)
+            say(w, progress_line(epoch, cfg.epochs, metrics, cfg.select_metric))
 
 
 # -------------------------------------------------------------------------------------------------------- progress
 
 
-def progress_line(epoch: int, epochs: int, m: dict[str, float], select: str) -> str:
-    return (f"epoch {epoch + 1:>3}/{epochs}  loss {m[TRAIN_LOSS]:.4f}  lr {m[TRAIN_LR]:.4g}  "
-            f"val bal-acc {100 * m[split_key('val', 'balanced_acc')]:5.1f}  "
-            f"test bal-acc {100 * m[split_key('test', 'balanced_acc')]:5.1f}  "
-            f"best {select}={100 * m[best_key(select)]:.1f} @ {int(m[BEST_EPOCH]) + 1}  "
-            f"{m[SAMPLES_PER_S]:.0f} samples/s")
-
-
-def _status_writer(folder: str | None, rank: int, start_epoch: int) -> Callable[[int, int], None]:
-    """Progress as <folder>/rank<r>.json {pid, rank, start_epoch, epoch, step}: lets an operator (or a
-    fault-injection test) find which process runs which rank, where it resumed and where it is. Off unless the
-    driver had RWRAY_WORKER_STATUS_DIR set."""
-    if not folder:
-        return lambda epoch, step: None
-    path = Path(folder) / f"rank{rank}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(epoch: int, step: int) -> None:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "rank": rank, "start_epoch": start_epoch, "epoch": epoch,
-                                   "step": step}))
-        os.replace(tmp, path)
-
-    return write
+def say(w: Worker, line: str) -> None:
+    output.worker_line(f"{w.label}  {line}" if w.label else line)
 
 
 # --------------------------------------------------------------------------------------------- the run's artifacts

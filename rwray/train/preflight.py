@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rwray import paths
+from rwray import output, paths
 from rwray.config import Config
 from rwray.data import Manifest, prepare, verify
 from rwray.errors import CheckpointError, ConfigError, DataError, NotACheckpoint
@@ -53,7 +53,7 @@ def ensure_data(cfg: Config) -> Manifest:
     """Build the shards from data.source on first use; verify checksums, shapes and labels either way."""
     d = cfg.data.dir
     if not (d / "manifest.json").is_file() and cfg.data.source is not None:
-        print(f"preparing {cfg.data.source.name} shards in {d} (first use)", flush=True)
+        output.say(f"preparing {cfg.data.source.name} shards in {d} (first use)")
         prepare(cfg.data.source, d, cfg.data.builder)
     listed = Manifest.load(d)  # before verify reads a byte: every listed file must be inside d
     paths.check_shard_files(d, [s["file"] for split in listed.data["splits"].values()

@@ -14,28 +14,47 @@ import signal
 import threading
 from typing import Any, Iterator
 
+from rwray import output
 from rwray.config import Config
 from rwray.data import Manifest
 from rwray.errors import Interrupted, RwrayError
+from rwray.train.resources import local_cpus
 
 
 def connect_ray(cfg: Config, concurrent_runs: int = 1) -> None:
     """Join RAY_ADDRESS when set (a cluster or `ray start --head`), otherwise start a local Ray."""
     import ray
 
+    ray_train_settings()
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, configure_logging=not output.captured())
+        output.attach_ray()
         return
-    # Train workers hold whole CPUs for the run; Ray Data's read and shuffle tasks need slots of their own or the
-    # run waits forever on a small machine. Declare more logical CPU than the workers take: two slots per
-    # concurrent run for its data tasks. Worker processes import torch: on a loaded laptop that can take longer
-    # than Ray Train's default 60 s start-up timeout.
+    # A laptop is not preempted: one actor process fewer per run.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # The machine's CPUs plus two slots per concurrent run for Ray Data's tasks (Train workers hold theirs for
+    # the whole run; without spare slots a read would wait forever). Never sized to the request: a request the
+    # machine cannot hold is refused by resources.check. Worker processes import torch: on a loaded laptop that
+    # can take longer than Ray Train's default 60 s start-up timeout.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-    cpus = max(os.cpu_count() or 1, concurrent_runs * cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) \
-        + 2 * concurrent_runs
-    ray.init(num_cpus=int(cpus + 0.999), include_dashboard=False, log_to_driver=True)
+    cpus = local_cpus(os.cpu_count() or 1, concurrent_runs)  # never sized to the request: check() refuses it
+    ray.init(num_cpus=int(cpus + 0.999), include_dashboard=False, log_to_driver=True,
+             configure_logging=not output.captured())
+    output.attach_ray()
+
+
+def ray_train_settings() -> None:
+    """Ray Train V2 reads these in its controller and workers, copied there from the driver's environment (a
+    user's own setting wins).
+
+    - The controller polls its workers every HEALTH_CHECK_INTERVAL_S (default 2 s) and a worker's report waits
+      until the previous one was collected: epochs shorter than the interval would all last the interval.
+    - Its print patch logs each print() of a worker a second time through the root logger.
+    """
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 def quiet_data() -> None:
@@ -48,17 +67,25 @@ def quiet_data() -> None:
     ctx.print_on_execution_start = False
 
 
+SMALL_SPLIT_BYTES = 256 << 20  # a split this small is handed to Ray Data from memory, not by read tasks
+
+
 def datasets(manifest: Manifest) -> dict[str, Any]:
-    """Every split as a Ray Dataset for the trainer."""
+    """Every split as a Ray Dataset for the trainer, read once before the workers start: no read task competes
+    with the workers for CPU. Each worker streams a split once and keeps it (rwray.train.batches)."""
+    import pyarrow.parquet as pq
     import ray.data
 
     quiet_data()
     out = {}
     for split in ("train", *manifest.eval_splits):
-        # Materialized once (no read tasks compete with the workers for CPU). The train order is not Ray's
-        # random_shuffle (unseeded: a restart would see another order) but a (seed, epoch) permutation each worker
-        # applies to the split it streams once and keeps (rwray.train.batches.TrainRows).
-        out[split] = ray.data.read_parquet(manifest.shard_paths(split), shuffle=None).materialize()
+        files = manifest.shard_paths(split)
+        if sum(os.path.getsize(f) for f in files) <= SMALL_SPLIT_BYTES:
+            # from_arrow puts the table in the object store as it is: no read tasks, no execution to wait for
+            # (read_parquet().materialize() takes seconds per split even for a few thousand rows).
+            out[split] = ray.data.from_arrow(pq.read_table(files))
+        else:
+            out[split] = ray.data.read_parquet(files, shuffle=None).materialize()
     return out
 
 

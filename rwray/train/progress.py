@@ -1,0 +1,85 @@
+"""Where a run stands, as lines and files: the line per epoch, a progress line inside a long epoch (at most every
+``every_s`` seconds: pure, the clock is injected, so tests pin the exact text with a fake clock), and the per-rank
+status file an operator or a fault-injection test reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from rwray.metrics import BEST_EPOCH, SAMPLES_PER_S, TRAIN_LOSS, TRAIN_LR, best_key, split_key
+
+
+def format_duration(seconds: float) -> str:
+    """Whole seconds, short: 45s, 1m20s, 2h05m (hours drop the seconds)."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class EpochTicker:
+    """Throttled progress of one epoch.
+
+    ``epoch`` and the ``step`` passed to `step` are 0-based, as the loop counts them (``train_epoch``'s
+    ``on_step(step)`` runs after step ``step``); lines show them 1-based, like the loop's per-epoch line.
+    ``total_steps`` is this epoch's number of steps (None when unknown: no total, no ETA); ``batch_size_global`` is
+    the samples one step trains over all workers (per-worker batch size x workers).
+    """
+
+    def __init__(self, epoch: int, total_steps: int | None, batch_size_global: int, every_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.epoch = epoch
+        self.total_steps = total_steps
+        self.batch_size_global = batch_size_global
+        self.every_s = every_s
+        self.clock = clock
+        self.start = self.last = clock()  # the epoch starts when the ticker is made
+
+    def step(self, step: int) -> str | None:
+        """After step ``step`` (0-based): a line if ``every_s`` has passed since the last one (or since the epoch
+        started), else None."""
+        now = self.clock()
+        if now - self.last < self.every_s:
+            return None
+        self.last = now
+        done, elapsed = step + 1, now - self.start
+        line = f"  epoch {self.epoch + 1}: step {done}"
+        if self.total_steps is not None:
+            line += f"/{self.total_steps}"
+        if elapsed > 0:
+            line += f"  {done * self.batch_size_global / elapsed:,.0f} samples/s"
+            if self.total_steps is not None:
+                line += f"  ETA {format_duration(max(self.total_steps - done, 0) * elapsed / done)}"
+        return line
+
+
+def progress_line(epoch: int, epochs: int, m: dict[str, float], select: str) -> str:
+    return (f"epoch {epoch + 1:>3}/{epochs}  loss {m[TRAIN_LOSS]:.4f}  lr {m[TRAIN_LR]:.4g}  "
+            f"val bal-acc {100 * m[split_key('val', 'balanced_acc')]:5.1f}  "
+            f"test bal-acc {100 * m[split_key('test', 'balanced_acc')]:5.1f}  "
+            f"best {select}={100 * m[best_key(select)]:.1f} @ {int(m[BEST_EPOCH]) + 1}  "
+            f"{m[SAMPLES_PER_S]:.0f} samples/s")
+
+
+def status_writer(folder: str | None, rank: int, start_epoch: int) -> Callable[[int, int], None]:
+    """Progress as <folder>/rank<r>.json {pid, rank, start_epoch, epoch, step}: lets an operator (or a
+    fault-injection test) find which process runs which rank, where it resumed and where it is. Off unless the
+    driver had RWRAY_WORKER_STATUS_DIR set."""
+    if not folder:
+        return lambda epoch, step: None
+    path = Path(folder) / f"rank{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(epoch: int, step: int) -> None:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "rank": rank, "start_epoch": start_epoch, "epoch": epoch,
+                                   "step": step}))
+        os.replace(tmp, path)
+
+    return write
