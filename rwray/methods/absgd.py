@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from rwray import dist, plots
+from rwray import dist
 from rwray.datainfo import DataInfo
 from rwray.losses import LOSSES, LossConfig
 from rwray.losses.ce import CEParams
@@ -172,6 +172,8 @@ class ABSGD(Method):
         """absgd_class_weights.png: per-class mean weight, classes ordered head → tail, one line per epoch."""
         if not self.history:
             return []
+        from rwray import plots  # matplotlib: imported where a figure is drawn, not by every process
+
         path = plots.class_weights_by_epoch(
             self.history, self.info.class_counts, f"ABSGD per-class mean weight, {len(self.history)} epoch(s)",
             "mean ABSGD weight (relative to ERM)", os.path.join(out_dir, "absgd_class_weights.png"))

@@ -32,8 +32,10 @@ def connect_ray(cfg: Config, concurrent_runs: int = 1) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, configure_logging=not output.captured())
         output.attach_ray()
         return
-    # A laptop is not preempted: one actor process fewer per run.
+    # A laptop is not preempted, and without a dashboard nothing reads Ray Train's metrics: fewer actors and
+    # callbacks per run.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
     # The machine's CPUs plus two slots per concurrent run for Ray Data's tasks (Train workers hold theirs for
     # the whole run; without spare slots a read would wait forever). Never sized to the request: a request the
     # machine cannot hold is refused by resources.check. Worker processes import torch: on a loaded laptop that
