@@ -74,7 +74,11 @@ class _Capture:
         root = logging.getLogger()
         if self.handler not in root.handlers:
             root.addHandler(self.handler)
-        for name in CAPTURED_LOGGERS:
+        # The named loggers and every logger under them that configured itself (Ray Data's "ray.data" has its own
+        # console handler and does not propagate).
+        names = [n for n in list(logging.root.manager.loggerDict)
+                 if any(n == c or n.startswith(c + ".") for c in CAPTURED_LOGGERS)]
+        for name in dict.fromkeys([*CAPTURED_LOGGERS, *names]):
             lg = logging.getLogger(name)
             if name not in self.saved:
                 self.saved[name] = (list(lg.handlers), lg.propagate)
@@ -117,8 +121,9 @@ def setup(verbose: bool, show: Callable[[str], None] | None = None) -> bool:
     global _capture
     if verbose_requested(verbose):
         return False
-    import mlflow  # noqa: F401  both configure their loggers when first imported: take them over after that
+    import mlflow  # noqa: F401  each configures its loggers when first imported: take them over after that
     import ray  # noqa: F401
+    import ray.data  # noqa: F401
     if _capture is None:
         _capture = _Capture(show or (lambda line: print(line, file=sys.stderr, flush=True)))
     _capture.grab_loggers()

@@ -71,3 +71,19 @@ def test_asha_sweep_on_digits(tmp_path, digits_dir, ray_local):
 
     again = run(best.model_copy(update={"train": best.train.model_copy(update={"epochs": 1})}))
     assert client.get_run(again.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.ray
+def test_a_sweep_whose_trials_no_node_can_hold_fails_before_any_trial(tmp_path, digits_dir, ray_local):
+    """One trial asks for a GPU the local Ray does not have: the sweep is refused before Tune starts a trial (each
+    trial would otherwise wait forever), and the parent MLflow run is FAILED with the reason."""
+    from rwray.errors import ResourceError
+
+    cfg = job(tmp_path, digits_dir, scaling={"num_workers": 1, "use_gpu": True}, tracking={"experiment": "sweep-gpu"},
+              tune={"space": {"optim.lr": {"choice": [0.01, 0.1]}}, "num_samples": 2, "max_concurrent": 2})
+    with pytest.raises(ResourceError, match="scaling.use_gpu=false"):
+        sweep(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (parent,) = client.search_runs([client.get_experiment_by_name("sweep-gpu").experiment_id])
+    assert parent.info.status == "FAILED" and parent.data.tags["rwray.error"].startswith("ResourceError")
+    assert not (tmp_path / "runs" / "tune").exists() or not any((tmp_path / "runs" / "tune").rglob("result.json"))
