@@ -227,7 +227,7 @@ def quickstart(epochs: Optional[int] = typer.Option(None, help="override train.e
         db = results[-1][1].tracking_uri
         console.print(f"\nOpen the MLflow UI:  mlflow ui --backend-store-uri {db} --host 127.0.0.1 --port 5000"
                       f"\n                    then browse http://127.0.0.1:5000 (experiment "
-                      f"{configs[0].tracking.experiment!r})")
+                      f"{configs[0].tracking.experiment!r})", soft_wrap=True)
 
 
 def _comparison(results) -> None:
