@@ -53,7 +53,8 @@ class TrainConfig(Section):
     # Starting a job whose run (same output_dir + run name + configuration) is unfinished continues that run.
     auto_resume: bool = True
     # Hand Ray Train a checkpoint every N epochs (and always after the last). A restart resumes exactly from the
-    # latest one; the epochs after it are trained again, and their metrics reach MLflow with the next checkpoint.
+    # latest one; the epochs after it are trained again, and their metrics reach MLflow with the next checkpoint
+    # (so under an ASHA sweep, keep 1: a trial stopped between checkpoints never logs its last epochs).
     checkpoint_every: int = Field(1, ge=1)
 
 
