@@ -7,9 +7,7 @@ callback sees every epoch (ASHA stops trials from it).
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from rwray import output
@@ -55,11 +53,11 @@ def fit(trial: Callable[[dict[str, Any]], None], param_space: dict[str, Any], tu
     Tune's own files go to ``output_dir/<kind>/<tune_name>``."""
     import ray.tune as tune
 
+    from rwray.train.launch import log_path
     from rwray.train.rayenv import connect_ray
     from rwray.train.resources import check
 
-    logs = output.log_to(Path(cfg.output_dir if not cfg.remote_output else tempfile.gettempdir()) / "logs"
-                         / f"{tune_name(cfg, parent)}.log")
+    logs = output.log_to(log_path(cfg, tune_name(cfg, parent)))
     if logs is not None:
         output.say(f"{cfg.name}: Ray Tune trials on up to {concurrent} at once; logs: {logs}")
     connect_ray(cfg, concurrent_runs=concurrent)

@@ -105,8 +105,8 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
 
 
 def log_path(cfg: Config, ray_name: str) -> Path:
-    """Where Ray's and MLflow's lines of this run go: beside its Ray folder, or in the temporary folder when
-    output_dir is an object store."""
+    """Where Ray's and MLflow's lines of a run (or a sweep: Tune's name) go: <output_dir>/logs, or the temporary
+    folder when output_dir is an object store."""
     root = Path(tempfile.gettempdir()) / "rwray-logs" if cfg.remote_output else Path(cfg.output_dir) / "logs"
     return root / f"{ray_name}.log"
 
