@@ -41,8 +41,7 @@ def connect_ray(cfg: Config, concurrent_runs: int = 1) -> None:
     # machine cannot hold is refused by resources.check. Worker processes import torch: on a loaded laptop that
     # can take longer than Ray Train's default 60 s start-up timeout.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-    cpus = local_cpus(os.cpu_count() or 1, concurrent_runs)  # never sized to the request: check() refuses it
-    ray.init(num_cpus=int(cpus + 0.999), include_dashboard=False, log_to_driver=True,
+    ray.init(num_cpus=local_cpus(os.cpu_count() or 1, concurrent_runs), include_dashboard=False, log_to_driver=True,
              configure_logging=not output.captured())
     output.attach_ray()
 
