@@ -140,6 +140,29 @@ def test_images_and_labels_read_back_exactly(lt_dir, digits_raw):
         np.testing.assert_array_equal(t["label"].to_numpy(), labels[idx])
 
 
+def test_a_split_read_as_one_table_gives_the_workers_tensors(lt_dir, digits_raw):
+    """How a small split reaches a worker (rwray.train.batches.arrow_rows): every shard's rows, one tensor a column;
+    a table of several chunks, one of them a slice, keeps each row's bytes."""
+    import torch
+
+    from rwray.train.batches import arrow_rows
+
+    t = pq.read_table(Manifest.load(lt_dir).shard_paths("train"))
+    assert t["image"].num_chunks > 1
+    t = pa.concat_tables([t.slice(0, 5), t.slice(5)])  # a sliced chunk: its offset must be honoured
+    rows = arrow_rows(t)
+    n = t.num_rows
+    assert set(rows) == {"image", "label", "index"}
+    assert rows["image"].dtype == torch.uint8 and rows["image"].shape == (n, 64)  # [N, C*H*W] as stored
+    idx = t["index"].to_numpy()
+    np.testing.assert_array_equal(rows["image"].numpy().reshape(-1, 1, 8, 8), digits_raw.train_images[idx])
+    assert rows["label"].dtype == torch.int64 and rows["label"].tolist() == digits_raw.train_labels[idx].tolist()
+    assert rows["index"].tolist() == idx.tolist()
+    rows["image"][0, 0] = 255  # writable: the worker's own copy, not the object store's read-only buffer
+    empty = arrow_rows(t.slice(0, 0))
+    assert empty["image"].shape == (0, 64) and empty["label"].shape == (0,)
+
+
 def test_same_inputs_give_byte_identical_directories(tmp_path):
     a = prepare(DigitsParams(), tmp_path / "a", LT)
     b = prepare(DigitsParams(), tmp_path / "b", LT)

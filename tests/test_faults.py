@@ -354,7 +354,7 @@ def test_deterministic_errors_are_not_retried():
     from ray.exceptions import ActorDiedError
 
     from rwray.errors import BatchTooLarge, NonFiniteLoss
-    from rwray.train.rayenv import stop_on_fatal_errors
+    from rwray.train.fatal import stop_on_fatal_errors
 
     cb = stop_on_fatal_errors()
     outcome = []

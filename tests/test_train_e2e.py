@@ -64,6 +64,18 @@ def test_train_embedded_store_two_workers_then_resume(tmp_path, digits_dir, ray_
     assert sorted(checkpoint.load(c)["epoch"] for c in folder.glob("checkpoint_*") if c.is_dir()) == [3, 4]
 
 
+def test_large_splits_stream_from_ray_data_and_train_the_same_run(tmp_path, digits_dir, ray_local, monkeypatch):
+    """A split above SMALL_SPLIT_BYTES is a Ray Dataset each worker streams (get_dataset_shard); a small one one
+    object-store table. Same rows in the same (seed, epoch) order: the same run, to the last bit of the loss."""
+    from rwray.train import rayenv
+
+    keys = ("train/loss", "val/balanced_acc", "test/top1", "test/balanced_acc", "best/epoch")
+    small = run(job(tmp_path / "tables", digits_dir, train={"epochs": 1}))
+    monkeypatch.setattr(rayenv, "SMALL_SPLIT_BYTES", -1)  # every split goes the large way
+    large = run(job(tmp_path / "ray-data", digits_dir, train={"epochs": 1}))
+    assert {k: large.metrics[k] for k in keys} == {k: small.metrics[k] for k in keys}
+
+
 def test_train_against_real_mlflow_server(tmp_path, digits_dir, ray_local, mlflow_server):
     cfg = job(tmp_path, digits_dir, name=NAME, tracking={"uri": mlflow_server, "experiment": "服务器 server-test"},
               scaling={"num_workers": 2})

@@ -26,7 +26,8 @@ from rwray.train import resources
 from rwray.train.identity import RunLock, run_name, start_or_resume
 from rwray.train.loop import train_loop_per_worker
 from rwray.train.preflight import check_paths, check_resume, ensure_data, resolve_paths
-from rwray.train.rayenv import connect_ray, datasets, root_cause, signals, stop_on_fatal_errors, stopped_from_outside
+from rwray.train.fatal import root_cause, stop_on_fatal_errors, stopped_from_outside
+from rwray.train.rayenv import connect_ray, data_sources, signals
 
 
 @dataclass
@@ -69,10 +70,11 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
             with signals():
                 connect_ray(cfg)
                 resources.check(cfg, say=output.say)  # a request no node can hold fails here, in seconds
+                tables, data = data_sources(manifest)
                 trainer = TorchTrainer(
                     train_loop_per_worker,
                     train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
-                                       "spool_dir": spool, "label": run_name(cfg) if parent_run_id else "",
+                                       "spool_dir": spool, "tables": tables, "label": run_name(cfg) if parent_run_id else "",
                                        "status_dir": os.environ.get("RWRAY_WORKER_STATUS_DIR")},
                     scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers,
                                                            use_gpu=cfg.scaling.use_gpu,
@@ -85,7 +87,7 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
                         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                         logging_config=ray.train.LoggingConfig(log_level="WARNING"),
                         callbacks=[stop_on_fatal_errors(), *callbacks]),
-                    datasets=datasets(manifest),
+                    datasets=data,
                     # Nothing is split by Ray: train order and split are the loop's (TrainRows), eval splits are
                     # divided by index % world.
                     dataset_config=ray.train.DataConfig(datasets_to_split=[]),

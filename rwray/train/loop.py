@@ -1,6 +1,7 @@
 """The training loop every Ray Train worker runs, top to bottom. It knows no method by name.
 
-Ray appears in five visible places: get_context, get_dataset_shard, prepare_model, get_checkpoint, report.
+Ray appears in six visible places: get_context, get (a small split's table), get_dataset_shard (a large split's
+stream), prepare_model, get_checkpoint, report.
 The epoch and evaluation bodies (`rwray.train.epoch`) are plain torch functions over iterables of batches, so
 benchmarks run the same code in a plain process.
 
@@ -18,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -44,7 +45,7 @@ from rwray.models import MODELS
 from rwray.optim import build_optimizer, build_scheduler
 from rwray.tracking import BufferedRunLogger
 from rwray.train import checkpoint
-from rwray.train.batches import Batch, EvalRows, Images, TrainRows, epoch_seed
+from rwray.train.batches import Batch, EvalRows, Images, TrainRows, arrow_rows, epoch_seed
 from rwray.train.epoch import evaluate, train_epoch
 from rwray.train.progress import EpochTicker, progress_line, status_writer
 from rwray.train.rayenv import quiet_data
@@ -54,13 +55,12 @@ EVAL_KEEP_BYTES = 1 << 30
 def train_loop_per_worker(job: dict[str, Any]) -> None:
     import ray.train
 
-    quiet_data()
     w = build(Config.model_validate(job["config"]))
     w.label = job.get("label", "")
     restore(w, ray.train.get_checkpoint())
     log = open_log(job, w)
     status = status_writer(job.get("status_dir"), w.rank, w.start_epoch)
-    data = Data(w)
+    data = Data(w, job.get("tables", {}))
     for epoch in range(w.start_epoch, w.cfg.train.epochs):
         metrics, improved = run_epoch(w, data, epoch, status)
         report_epoch(w, epoch, metrics, improved, log)
@@ -162,25 +162,31 @@ def log_epochs(w: Worker, log: BufferedRunLogger) -> None:
 class Data:
     """This worker's batches: its rows of the train split's (seed, epoch) order, and its share of an eval split."""
 
-    def __init__(self, w: Worker):
-        import ray.train
-
+    def __init__(self, w: Worker, tables: dict[str, Any]):
         self.w = w
         self.images = Images(w.info, w.manifest.mean, w.manifest.std, w.device)
         self.num_bias = w.info.num_classes if "bias" in w.info.extra_columns else None  # bias values index classes
         self.gen = torch.Generator(device=w.device)
-        self.train_rows = TrainRows(lambda: ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=4096, prefetch_batches=2))
+        self.train_rows = TrainRows(self._stream("train", tables, batch=4096, prefetch_batches=2))
         # An eval split this worker's share of which fits in EVAL_KEEP_BYTES is read once and kept (its images as
         # stored: uint8, C*H*W bytes a row); a larger one is streamed from Ray Data at every evaluation.
         row_bytes = math.prod(w.info.image_shape)
         self.eval_rows = {}
         for split in w.manifest.eval_splits:
-            keep = w.manifest.num_samples(split) * row_bytes / w.world <= EVAL_KEEP_BYTES
+            keep = split in tables or w.manifest.num_samples(split) * row_bytes / w.world <= EVAL_KEEP_BYTES
             batch = 4096 if keep else w.cfg.data.eval_batch_size
-            self.eval_rows[split] = EvalRows(
-                lambda split=split, batch=batch: ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=batch),
-                w.rank, w.world, keep)
+            self.eval_rows[split] = EvalRows(self._stream(split, tables, batch), w.rank, w.world, keep)
+
+    @staticmethod
+    def _stream(split: str, tables: dict[str, Any], batch: int, **kw) -> Callable[[], Iterable[dict[str, torch.Tensor]]]:
+        """A small split is one table in Ray's object store (`rayenv.data_sources`); a large one a Ray Data shard."""
+        import ray
+        import ray.train
+
+        if split in tables:
+            return lambda: [arrow_rows(ray.get(tables[split]))]
+        quiet_data()
+        return lambda: ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=batch, **kw)
 
     def train(self, epoch: int) -> Iterator[Batch]:
         cfg, w = self.w.cfg, self.w

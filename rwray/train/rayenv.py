@@ -1,10 +1,5 @@
-"""The driver's side of Ray: joining or starting Ray, the datasets handed to Ray Train, signals while it runs, and
-reading Ray's errors (which ones a restart would only repeat, what a wrapped error really was).
-
-Fault tolerance (docs/reliability.md): Ray Train restarts a worker group that lost a worker up to
-``train.max_failures`` times from the last checkpoint; errors that would only recur (a non-finite loss, out of
-memory, bad data, a bug) stop the run at once instead (`StopOnFatalErrors`).
-"""
+"""The driver's side of Ray: joining or starting Ray, the data handed to Ray Train, signals while it runs.
+Which errors stop a run (they are read in Ray's controller) is `rwray.train.fatal`."""
 
 from __future__ import annotations
 
@@ -17,7 +12,7 @@ from typing import Any, Iterator
 from rwray import output
 from rwray.config import Config
 from rwray.data import Manifest
-from rwray.errors import Interrupted, RwrayError
+from rwray.errors import Interrupted
 from rwray.train.resources import local_cpus
 
 
@@ -68,26 +63,31 @@ def quiet_data() -> None:
     ctx.print_on_execution_start = False
 
 
-SMALL_SPLIT_BYTES = 256 << 20  # a split this small is handed to Ray Data from memory, not by read tasks
+SMALL_SPLIT_BYTES = 256 << 20  # a split up to this size on disk reaches the workers as one in-memory table
 
 
-def datasets(manifest: Manifest) -> dict[str, Any]:
-    """Every split as a Ray Dataset for the trainer, read once before the workers start: no read task competes
-    with the workers for CPU. Each worker streams a split once and keeps it (rwray.train.batches)."""
+def data_sources(manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every split, for the workers: -> (tables, datasets), each keyed by split name.
+
+    A small split is read here into one Arrow table and put in Ray's object store; each worker fetches it with one
+    ray.get (zero-copy on the driver's node) and keeps it (rwray.train.batches): no Ray Data execution, which costs
+    seconds per split even for a few thousand rows. A larger split is a Ray Dataset that each worker streams; it is
+    materialised once here, before the workers start, so no read task competes with them for CPU.
+    """
     import pyarrow.parquet as pq
-    import ray.data
+    import ray
 
-    quiet_data()
-    out = {}
+    tables, data = {}, {}
     for split in ("train", *manifest.eval_splits):
         files = manifest.shard_paths(split)
         if sum(os.path.getsize(f) for f in files) <= SMALL_SPLIT_BYTES:
-            # from_arrow puts the table in the object store as it is: no read tasks, no execution to wait for
-            # (read_parquet().materialize() takes seconds per split even for a few thousand rows).
-            out[split] = ray.data.from_arrow(pq.read_table(files))
+            tables[split] = ray.put(pq.read_table(files))
         else:
-            out[split] = ray.data.read_parquet(files, shuffle=None).materialize()
-    return out
+            import ray.data
+
+            quiet_data()
+            data[split] = ray.data.read_parquet(files, shuffle=None).materialize()
+    return tables, data
 
 
 @contextlib.contextmanager
@@ -108,53 +108,3 @@ def signals() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
-
-
-def stopped_from_outside(err: BaseException) -> bool:
-    """Ray reports a deliberately killed actor (ray.kill, a Tune trial stopped by its scheduler) as died with exit
-    type INTENDED; a crash says SYSTEM_ERROR. Only the message carries it."""
-    from ray.exceptions import RayActorError
-
-    return isinstance(err, RayActorError) and "exit type: INTENDED" in str(err)
-
-
-BUGS = (TypeError, NameError, AttributeError, ImportError, AssertionError, NotImplementedError)
-
-
-def is_fatal(err: BaseException) -> bool:
-    """Errors a restart would only repeat: Ray Train's max_failures is for lost workers, not for these."""
-    return isinstance(err, BUGS) or (isinstance(err, RwrayError) and not err.retryable)
-
-
-def stop_on_fatal_errors():
-    """A Ray Train callback (it runs in the controller) that turns a deterministic worker error into a controller
-    error, which Ray Train does not retry: without it, a NaN loss would be re-run max_failures times."""
-    import ray.train
-
-    class StopOnFatalErrors(ray.train.UserCallback):
-        def after_exception(self, run_context, worker_exceptions):
-            for err in worker_exceptions.values():
-                cause = root_cause(err)
-                if is_fatal(cause):
-                    raise cause
-
-    return StopOnFatalErrors()
-
-
-def root_cause(err: BaseException) -> BaseException:
-    """The user's exception inside Ray's wrappers (TrainingFailedError -> worker error -> cause)."""
-    seen = set()
-    while id(err) not in seen:
-        seen.add(id(err))
-        inner = getattr(err, "worker_failures", None)
-        if isinstance(inner, dict) and inner:
-            err = next(iter(inner.values()))
-            continue
-        for attr in ("controller_failure", "cause", "__cause__", "error"):
-            nxt = getattr(err, attr, None)
-            if isinstance(nxt, BaseException):
-                err = nxt
-                break
-        else:
-            break
-    return err
