@@ -301,6 +301,9 @@ def main() -> None:
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
         code = e.code if isinstance(e.code, int) else int(e.code is not None and e.code != "")
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()  # here, not in Ray's exit hook, which first waits 0.5 s for log lines (ours go to a file)
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

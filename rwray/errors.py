@@ -69,6 +69,10 @@ class ResourceError(RwrayError, RuntimeError):
     message shows what was asked, what the nodes have, and the scaling.* values that would fit."""
 
 
+class ClusterUnreachable(RwrayError, ConnectionError):
+    """RAY_ADDRESS names a cluster nobody answers at (ray.init would retry it for minutes)."""
+
+
 class CheckpointError(RwrayError, ValueError):
     """A checkpoint that cannot be loaded safely or at all; the message names the file and the fix."""
 

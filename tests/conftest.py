@@ -37,6 +37,7 @@ def _gloo_rank(rank: int, world: int, port: int, out_dir: str, fn, args: tuple) 
     try:
         assert dist.world_size() == world and dist.rank() == rank  # the collectives really run
         torch.save(fn(rank, world, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+        tdist.barrier()  # no rank tears its gloo pairs down while a peer may still be using them
     finally:
         tdist.destroy_process_group()
 

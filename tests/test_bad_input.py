@@ -92,6 +92,22 @@ def test_unreachable_tracking_server_fails_before_anything(tmp_path, digits_dir)
     assert not (tmp_path / "runs").exists()
 
 
+def test_unreachable_ray_cluster_fails_in_seconds_and_writes_nothing(tmp_path, digits_dir, write_job):
+    """ray.init retries an address nobody answers for minutes; rwray says so at once (rayenv.check_address)."""
+    import os
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    path = write_job({"output_dir": str(tmp_path / "out"), "data": {"dir": str(digits_dir)},
+                      "model": {"name": "small_cnn"}})
+    p = subprocess.run([sys.executable, "-m", "rwray.cli", "train", str(path)], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": address})
+    assert p.returncode == 2, p.stderr
+    err = " ".join(p.stderr.split())
+    assert f"cannot reach the Ray cluster at RAY_ADDRESS={address}" in err and "ray start --head" in err, err
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_finite_loss_names_step_and_samples():
     """Without Ray: the loop stops at the first non-finite per-sample loss and names the offending indices."""
     torch.manual_seed(0)

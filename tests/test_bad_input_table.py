@@ -25,7 +25,8 @@ import torch
 from conftest import free_port
 from reliability_report import Recorder
 from rwray import config as C
-from rwray.errors import BatchTooLarge, DataError, NonFiniteLoss, NotACheckpoint, RunInUse, TrackingError
+from rwray.errors import (BatchTooLarge, ClusterUnreachable, DataError, NonFiniteLoss, NotACheckpoint, RunInUse,
+                          TrackingError)
 from rwray.datainfo import DataInfo
 from rwray.methods import METHODS
 from rwray.methods.erm import ERMParams
@@ -334,6 +335,11 @@ def tracking(status: int | None, env: dict[str, str] | None = None):
     return train(mutate)
 
 
+def _unreachable_ray(ctx):
+    ctx.monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")  # nothing listens there
+    return {}
+
+
 def _remote_output(ctx):
     ctx.monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return {"output_dir": "s3://some-bucket/runs"}
@@ -487,6 +493,9 @@ ROWS = [
         TrackingError, ("answered HTTP 404", "is it an MLflow tracking server?")),
     Row("tracking-remote-output-local-store", "tracking", "output_dir: s3://... with no tracking.uri",
         train(_remote_output), TrackingError, ("a local MLflow store cannot live there", "Set tracking.uri")),
+    # the cluster: an address is checked with one TCP connection (ray.init would retry it for minutes)
+    Row("ray-unreachable", "runtime", "RAY_ADDRESS=127.0.0.1:<free port>", train(_unreachable_ray),
+        ClusterUnreachable, ("cannot reach the Ray cluster at RAY_ADDRESS=", "ray start --head", "unset it")),
 ]
 
 

@@ -61,7 +61,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from rwray import dist, plots, tables
+from rwray import dist, tables
 from rwray.datainfo import DataInfo
 from rwray.gram.capture import GramCapture
 from rwray.gram.kernels import batch_stats, own_params
@@ -309,6 +309,8 @@ class BatchReweight(Method):
         return torch.stack([seen.double(), mean, self._cls[seen].double()], 1)
 
     def artifacts(self, out_dir: str) -> list[str]:
+        from rwray import plots  # matplotlib (~0.5 s): imported by the worker that draws, not by every process
+
         table = self.scores()
         if not len(table):
             return []

@@ -5,8 +5,8 @@ Which MLflow run a job continues, and from which Ray Train checkpoint, is decide
 """
 
 from rwray.tracking.spool import BufferedRunLogger, replay, spool_dir
-from rwray.tracking.store import RunLogger, artifact_root, finish, preflight, resolve_uri, start_run
+from rwray.tracking.store import RunLogger, artifact_root, finish, open_store, preflight, resolve_uri, start_run
 from rwray.tracking.transport import client, quick_http
 
-__all__ = ["BufferedRunLogger", "RunLogger", "artifact_root", "client", "finish", "preflight", "quick_http",
-           "replay", "resolve_uri", "spool_dir", "start_run"]
+__all__ = ["BufferedRunLogger", "RunLogger", "artifact_root", "client", "finish", "open_store", "preflight",
+           "quick_http", "replay", "resolve_uri", "spool_dir", "start_run"]

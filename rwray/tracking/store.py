@@ -9,6 +9,7 @@ This module knows MLflow only: which run continues which (the run's identity, Ra
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -74,6 +75,16 @@ def preflight(uri: str, timeout_s: float = 5.0) -> None:
         if not os.access(folder, os.W_OK):
             raise TrackingError(f"cannot write the local MLflow store under {folder}: choose another output_dir or "
                                 f"tracking.uri")
+
+
+def open_store(uri: str) -> None:
+    """Import MLflow and open the store, which MLflow then keeps: a new local store creates its tables here (with
+    the import, ~2 s on a laptop). For a driver's background thread, after `preflight`: an error is left for the
+    caller's own first call to raise, with its message."""
+    with contextlib.suppress(Exception):
+        if uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        client(uri).search_experiments(max_results=1)
 
 
 def _git_commit() -> str:

@@ -12,8 +12,10 @@ checkpoint, in the same MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +29,7 @@ from rwray.train.identity import RunLock, run_name, start_or_resume
 from rwray.train.loop import train_loop_per_worker
 from rwray.train.preflight import check_paths, check_resume, ensure_data, resolve_paths
 from rwray.train.fatal import root_cause, stop_on_fatal_errors, stopped_from_outside
-from rwray.train.rayenv import connect_ray, data_sources, signals
+from rwray.train.rayenv import check_address, connect_ray, data_sources, signals
 
 
 @dataclass
@@ -42,18 +44,21 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
         tags: dict[str, str] | None = None) -> RunResult:
     """Train one job. Under `rwray tune` / `reproduce`, a trial passes its parent MLflow run, tags and Tune's
     report callback. An unfinished run with the same output_dir, run name and configuration is continued."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     check_paths(cfg)
     cfg = resolve_paths(cfg)
     uri = tracking.resolve_uri(cfg)
     tracking.preflight(uri)  # before anything is written or computed
     check_resume(cfg)
     manifest = ensure_data(cfg)
+    check_address(os.environ.get("RAY_ADDRESS"))
     flush_s = cfg.tracking.flush_timeout_s
     run_tags = {**({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}), **(tags or {})}
-    with RunLock(cfg):
+    with RunLock(cfg):  # a run another driver is training fails here, before anything is written
+        # Ray starts in the main thread (it installs signal handlers); meanwhile a thread does what comes after it.
+        meanwhile = threading.Thread(target=_imports_and_store, args=(uri,), name="rwray-driver-warmup", daemon=True)
+        meanwhile.start()
+        connect_ray(cfg)
+        meanwhile.join()
         handle = start_or_resume(cfg, uri, manifest.sha256, run_tags, auto_resume=cfg.train.auto_resume)
         run_id = handle.run_id
         logs = output.log_to(log_path(cfg, handle.ray_name))
@@ -67,14 +72,17 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
             tracking.replay(uri, run_id, spool, timeout_s=min(flush_s, 30.0))
         error: BaseException | None = None
         try:
+            import ray.train
+            from ray.train.torch import TorchTrainer
+
             with signals():
-                connect_ray(cfg)
                 resources.check(cfg, say=output.say)  # a request no node can hold fails here, in seconds
                 tables, data = data_sources(manifest)
                 trainer = TorchTrainer(
                     train_loop_per_worker,
                     train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
-                                       "spool_dir": spool, "tables": tables, "label": run_name(cfg) if parent_run_id else "",
+                                       "spool_dir": spool, "tables": tables,
+                                       "label": run_name(cfg) if parent_run_id else "",
                                        "status_dir": os.environ.get("RWRAY_WORKER_STATUS_DIR")},
                     scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers,
                                                            use_gpu=cfg.scaling.use_gpu,
@@ -104,6 +112,14 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
             raise error from None
         finally:
             tracking.finish(uri, run_id, error, spool_dir=spool, timeout_s=flush_s)
+
+
+def _imports_and_store(uri: str) -> None:
+    """Ray Train's import (~1 s) and the MLflow store (its import and a new local store's tables, ~2 s). Errors are
+    left for the main thread's own calls to raise."""
+    with contextlib.suppress(Exception):
+        import ray.train.torch  # noqa: F401
+    tracking.open_store(uri)
 
 
 def log_path(cfg: Config, ray_name: str) -> Path:

@@ -178,7 +178,8 @@ class Data:
             self.eval_rows[split] = EvalRows(self._stream(split, tables, batch), w.rank, w.world, keep)
 
     @staticmethod
-    def _stream(split: str, tables: dict[str, Any], batch: int, **kw) -> Callable[[], Iterable[dict[str, torch.Tensor]]]:
+    def _stream(split: str, tables: dict[str, Any], batch: int, **kw
+                ) -> Callable[[], Iterable[dict[str, torch.Tensor]]]:
         """A small split is one table in Ray's object store (`rayenv.data_sources`); a large one a Ray Data shard."""
         import ray
         import ray.train

@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import threading
 from typing import Any, Iterator
 
 from rwray import output
 from rwray.config import Config
 from rwray.data import Manifest
-from rwray.errors import Interrupted
+from rwray.errors import ClusterUnreachable, Interrupted
 from rwray.train.resources import local_cpus
 
 
@@ -24,6 +25,7 @@ def connect_ray(cfg: Config, concurrent_runs: int = 1) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
+        check_address(os.environ["RAY_ADDRESS"])
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, configure_logging=not output.captured())
         output.attach_ray()
         return
@@ -39,6 +41,25 @@ def connect_ray(cfg: Config, concurrent_runs: int = 1) -> None:
     ray.init(num_cpus=local_cpus(os.cpu_count() or 1, concurrent_runs), include_dashboard=False, log_to_driver=True,
              configure_logging=not output.captured())
     output.attach_ray()
+
+
+def check_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """An unreachable RAY_ADDRESS fails in seconds: ray.init would retry it for minutes. One TCP connection to the
+    address's host:port (a GCS, `ray start --head`'s 6379, or a ray:// client server); "auto" and "local" are
+    Ray's to resolve."""
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ClusterUnreachable(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({e.__class__.__name__}: {e}). Start it "
+            f"(`ray start --head`), fix RAY_ADDRESS, or unset it to train on a local Ray. Nothing was trained."
+        ) from None
 
 
 def ray_train_settings() -> None:
