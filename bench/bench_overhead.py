@@ -1,9 +1,9 @@
-"""rwray's overhead on the quickstart job against the same job as a plain single-process torch script, one run.
+"""rwray's overhead on the quickstart job against the same job as a plain single-process torch script.
 
 rwray: `rwray train quickstart` (the bundled recipe: long-tailed digits, small_cnn width 32, batch 32, 10 epochs,
 val + test evaluated and a checkpoint reported every epoch) as a fresh subprocess, the command a user runs, with
 output_dir in a temporary folder; once with scaling.num_workers=1 (the plain script's compute: one worker process,
-one thread) and once with the recipe's 2 workers. Its epoch wall time is the spacing of consecutive epochs'
+one thread) and with the recipe's 2 workers, ROUNDS times each (medians: one start-up varies by seconds here). Its epoch wall time is the spacing of consecutive epochs'
 timestamps in the MLflow run (every epoch's metrics carry the time rank 0 reported it: `report_epoch`), so it
 includes the checkpoint, the report and the logging, not only the loop's own `time/epoch_s`.
 
@@ -12,12 +12,12 @@ model (`rwray.models.MODELS`), optimizer and schedule (`rwray.optim`), batch siz
 val and test evaluated and a checkpoint torch.save'd every epoch, one thread (what a 1-CPU Ray worker gets).
 
     per-epoch overhead = median rwray epoch - median plain epoch          (epochs 2..N; epoch 1 has no start stamp)
-    fixed overhead     = rwray total - plain total - epochs x per-epoch overhead
+    fixed overhead     = rwray total - plain total - epochs x per-epoch overhead    (median totals)
     goals: `rwray quickstart` (both jobs) <= 60 s; fixed <= 20 s; per epoch <= max(0.2 s, 10 % of the plain epoch)
 
 The shards are prepared once before any timing; `rwray quickstart` (both recipes, in a fresh folder) is timed as a
-user first runs it, first-use data preparation included. Runs interleave (plain, rwray 1 worker, plain, rwray 2
-workers, quickstart, plain) so load drifts hit both sides.
+user first runs it, first-use data preparation included. Runs interleave (ROUNDS x [plain, rwray 1 worker, rwray 2
+workers], then quickstart, plain) so load drifts hit both sides.
 
     .venv/bin/python bench/bench_overhead.py             # docs/benchmarks-overhead.md, bench/out/overhead/results.json
     .venv/bin/python bench/bench_overhead.py --doc FILE  # the section to FILE instead, its results to FILE.json
@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "overhead"
 DOC = ROOT / "docs" / "benchmarks-overhead.md"
 RECIPE = "quickstart"
+ROUNDS = 3  # rwray runs per worker count
 TIMEOUT_S = 1800
 
 
@@ -145,14 +146,14 @@ def run_plain(work: Path, settings: dict, i: int) -> dict:
     return {"total": wall, **json.loads(out.read_text())}
 
 
-def run_rwray(work: Path, data_dir: Path, workers: int) -> dict:
+def run_rwray(work: Path, data_dir: Path, workers: int, i: int) -> dict:
     from mlflow.tracking import MlflowClient
 
     from rwray.metrics import EPOCH_S, TRAIN_LOSS
 
-    out = work / f"rwray-w{workers}"
+    out = work / f"rwray-w{workers}-{i}"
     wall = _timed([*_rwray(), "train", RECIPE, f"output_dir={out}", f"data.dir={data_dir}",
-                   f"scaling.num_workers={workers}"], work, work / f"rwray-w{workers}.log")
+                   f"scaling.num_workers={workers}"], work, work / f"rwray-w{workers}-{i}.log")
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1, [r.info.run_id for r in runs]
@@ -179,13 +180,14 @@ def main(doc: Path) -> None:
                     "optim": cfg.optim.model_dump(mode="json"), "schedule": cfg.schedule.model_dump(mode="json"),
                     "batch_size": cfg.data.batch_size, "eval_batch_size": cfg.data.eval_batch_size,
                     "epochs": cfg.train.epochs, "seed": cfg.train.seed}
-        plains, rw = [run_plain(work, settings, 0)], {}
-        rw[1] = run_rwray(work, data_dir, 1)
-        plains.append(run_plain(work, settings, 1))
-        rw[2] = run_rwray(work, data_dir, 2)
+        plains, rw = [], {1: [], 2: []}
+        for i in range(ROUNDS):
+            plains.append(run_plain(work, settings, i))
+            for w in rw:
+                rw[w].append(run_rwray(work, data_dir, w, i))
         (work / "qs").mkdir()
         quickstart = _timed([*_rwray(), "quickstart"], work / "qs", work / "quickstart.log")
-        plains.append(run_plain(work, settings, 2))
+        plains.append(run_plain(work, settings, ROUNDS))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     raw = {"plain": plains, "rwray": rw, "quickstart": quickstart, "epochs": cfg.train.epochs,
@@ -220,13 +222,18 @@ def summarize(raw: dict) -> dict:
     plain_total = statistics.median(p["total"] for p in raw["plain"])
     plain_epoch = statistics.median(statistics.median(p["epochs"][1:]) for p in raw["plain"])
     rows = {}
-    for w, r in sorted(raw["rwray"].items(), key=lambda kv: int(kv[0])):
-        spacing = [(b - a) / 1000 for a, b in zip(r["stamps_ms"], r["stamps_ms"][1:])]  # epochs 2..N
-        epoch = statistics.median(spacing)
+    for w, runs in sorted(raw["rwray"].items(), key=lambda kv: int(kv[0])):
+        runs = runs if isinstance(runs, list) else [runs]  # results of the one-run version
+        # each run's median spacing of consecutive epochs' stamps (epochs 2..N), then the median over runs
+        epoch = statistics.median(statistics.median((b - a) / 1000 for a, b in zip(r["stamps_ms"], r["stamps_ms"][1:]))
+                                  for r in runs)
+        total = statistics.median(r["total"] for r in runs)
         per_epoch = epoch - plain_epoch
-        rows[int(w)] = {"total": r["total"], "epoch": epoch, "loop": statistics.median(r["loop_epoch_s"][1:]),
+        rows[int(w)] = {"total": total, "totals": [r["total"] for r in runs], "epoch": epoch,
+                        "loop": statistics.median(statistics.median(r["loop_epoch_s"][1:]) for r in runs),
                         "per_epoch": per_epoch, "per_epoch_pct": 100 * per_epoch / plain_epoch,
-                        "fixed": r["total"] - plain_total - epochs * per_epoch, "test_balanced": r["test_balanced"]}
+                        "fixed": total - plain_total - epochs * per_epoch,
+                        "test_balanced": [r["test_balanced"] for r in runs]}
     return {"plain_total": plain_total, "plain_epoch": plain_epoch, "rows": rows,
             "per_epoch_goal": max(0.2, 0.1 * plain_epoch)}
 
@@ -255,6 +262,7 @@ def render(raw: dict) -> str:
                      lambda r: r["per_epoch"] <= s["per_epoch_goal"])
     pct = line("per epoch, % of the plain epoch", lambda r: f"{r['per_epoch_pct']:+.0f} %")
     totals = " | ".join(f"{rows[w]['total']:.1f}" for w in cols)
+    each = " | ".join(", ".join(f"{t:.1f}" for t in rows[w]["totals"]) for w in cols)
     epoch_walls = " | ".join(f"{rows[w]['epoch']:.3f}" for w in cols)
     loops = " | ".join(f"{rows[w]['loop']:.3f}" for w in cols)
     nw = raw["workers_default"]
@@ -267,13 +275,15 @@ quickstart` in a fresh process (local Ray, local MLflow sqlite store); its epoch
 metric timestamps in the MLflow run (train + eval + checkpoint + report + logging), median over epochs 2..{epochs}.
 Plain = the same model, optimizer, schedule, shards (read with pyarrow), batch size and epochs in one fresh process
 with 1 thread, evaluating and `torch.save`-ing every epoch; median of {len(raw['plain'])} runs (totals {plain_totals} s;
-epoch medians {plain_epochs} s). Runs interleaved (plain, rwray 1 worker, plain, rwray 2 workers, `rwray
-quickstart`, plain). Load average (1 min) {raw['load0']:.1f} at the start, {raw['load1']:.1f} at the end: absolute
+epoch medians {plain_epochs} s). rwray: median of {len(rows[cols[0]]['totals'])} runs per worker count. Runs
+interleaved ({len(rows[cols[0]]['totals'])} x [plain, rwray 1 worker, rwray 2 workers], then `rwray quickstart`, plain).
+Load average (1 min) {raw['load0']:.1f} at the start, {raw['load1']:.1f} at the end: absolute
 times are noisy.
 
 | measurement | {head} | plain torch |
 |---|{'---:|' * len(cols)}---:|
-| total wall (s) | {totals} | {s['plain_total']:.1f} |
+| total wall, median (s) | {totals} | {s['plain_total']:.1f} |
+| total wall, each run (s) | {each} | {plain_totals} |
 | epoch wall, median of epochs 2..{epochs} (s) | {epoch_walls} | {s['plain_epoch']:.3f} |
 | the loop's own `time/epoch_s` (train + eval), median (s) | {loops} | - |
 

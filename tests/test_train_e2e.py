@@ -64,6 +64,23 @@ def test_train_embedded_store_two_workers_then_resume(tmp_path, digits_dir, ray_
     assert sorted(checkpoint.load(c)["epoch"] for c in folder.glob("checkpoint_*") if c.is_dir()) == [3, 4]
 
 
+def test_a_run_without_datasets_starts_no_dataset_manager(ray_local):
+    """torch_trainer leaves Ray Data's callback (its DatasetManager actor) out only when no split is a Dataset."""
+    import ray.data
+    import ray.train
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    from rwray.train.rayenv import torch_trainer
+
+    def kinds(**kw):
+        t = torch_trainer(train_loop_per_worker=lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1),
+                          **kw)
+        return {type(c) for c in t._create_default_callbacks()}
+
+    assert DatasetsCallback not in kinds()
+    assert DatasetsCallback in kinds(datasets={"train": ray.data.range(4)})
+
+
 def test_large_splits_stream_from_ray_data_and_train_the_same_run(tmp_path, digits_dir, ray_local, monkeypatch):
     """A split above SMALL_SPLIT_BYTES is a Ray Dataset each worker streams (get_dataset_shard); a small one one
     object-store table. Same rows in the same (seed, epoch) order: the same run, to the last bit of the loss."""

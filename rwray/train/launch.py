@@ -29,7 +29,7 @@ from rwray.train.identity import RunLock, run_name, start_or_resume
 from rwray.train.loop import train_loop_per_worker
 from rwray.train.preflight import check_paths, check_resume, ensure_data, resolve_paths
 from rwray.train.fatal import root_cause, stop_on_fatal_errors, stopped_from_outside
-from rwray.train.rayenv import check_address, connect_ray, data_sources, signals
+from rwray.train.rayenv import check_address, connect_ray, data_sources, signals, torch_trainer
 
 
 @dataclass
@@ -73,13 +73,12 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
         error: BaseException | None = None
         try:
             import ray.train
-            from ray.train.torch import TorchTrainer
 
             with signals():
                 resources.check(cfg, say=output.say)  # a request no node can hold fails here, in seconds
                 tables, data = data_sources(manifest)
-                trainer = TorchTrainer(
-                    train_loop_per_worker,
+                trainer = torch_trainer(
+                    train_loop_per_worker=train_loop_per_worker,
                     train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
                                        "spool_dir": spool, "tables": tables,
                                        "label": run_name(cfg) if parent_run_id else "",

@@ -111,6 +111,23 @@ def data_sources(manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
     return tables, data
 
 
+def torch_trainer(**kwargs: Any):
+    """A `TorchTrainer`, less Ray Data's plumbing when it is handed no Dataset (every split small).
+
+    Ray Train 2.60 starts a DatasetManager actor for every run, datasets or not: one more process importing Ray
+    Data (~1.5 s of CPU), started while the workers import torch, on a laptop the CPU their start-up waits for. Only
+    that default callback is left out; the rest is TorchTrainer's own."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return Trainer(**kwargs)
+
+
 @contextlib.contextmanager
 def signals() -> Iterator[None]:
     """SIGTERM raises Interrupted for the duration; SIGINT is Ray's (fit aborts its controller on Ctrl-C) and is
