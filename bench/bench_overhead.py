@@ -113,6 +113,28 @@ def plain(settings_json: str, out_json: str) -> None:
     Path(out_json).write_text(json.dumps({"epochs": epochs, "test_balanced": bal["test"]}))
 
 
+# ------------------------------------------------------------------------------------------ Ray Train's floor
+
+
+def floor(workers: str, out_json: str) -> None:
+    """What Ray Train costs a run that does nothing, on rwray's settings: start a local Ray the way rwray does,
+    fit a trainer whose workers only report once, shut down, exit. No data, no model, no MLflow."""
+    import ray
+    import ray.train
+
+    from rwray import config as C
+    from rwray.train.rayenv import connect_ray, torch_trainer
+
+    connect_ray(C.load(RECIPE))
+    with tempfile.TemporaryDirectory() as tmp:
+        torch_trainer(train_loop_per_worker=lambda: ray.train.report({"done": 1}),
+                      scaling_config=ray.train.ScalingConfig(num_workers=int(workers)),
+                      run_config=ray.train.RunConfig(name="floor", storage_path=tmp)).fit()
+    ray.shutdown()
+    Path(out_json).write_text("{}")
+    os._exit(0)  # as `rwray` exits (rwray.cli.main): no interpreter teardown
+
+
 # ------------------------------------------------------------------------------------------------- the runs
 
 
@@ -144,6 +166,12 @@ def run_plain(work: Path, settings: dict, i: int) -> dict:
     wall = _timed([sys.executable, str(Path(__file__).resolve()), "--plain", json.dumps(s), str(out)], work,
                   work / f"plain-{i}.log")
     return {"total": wall, **json.loads(out.read_text())}
+
+
+def run_floor(work: Path, workers: int, i: int) -> float:
+    out = work / f"floor-w{workers}-{i}.json"
+    return _timed([sys.executable, str(Path(__file__).resolve()), "--floor", str(workers), str(out)], work,
+                  work / f"floor-w{workers}-{i}.log")
 
 
 def run_rwray(work: Path, data_dir: Path, workers: int, i: int) -> dict:
@@ -180,17 +208,18 @@ def main(doc: Path) -> None:
                     "optim": cfg.optim.model_dump(mode="json"), "schedule": cfg.schedule.model_dump(mode="json"),
                     "batch_size": cfg.data.batch_size, "eval_batch_size": cfg.data.eval_batch_size,
                     "epochs": cfg.train.epochs, "seed": cfg.train.seed}
-        plains, rw = [], {1: [], 2: []}
+        plains, rw, floors = [], {1: [], 2: []}, {1: [], 2: []}
         for i in range(ROUNDS):
             plains.append(run_plain(work, settings, i))
             for w in rw:
                 rw[w].append(run_rwray(work, data_dir, w, i))
+                floors[w].append(run_floor(work, w, i))
         (work / "qs").mkdir()
         quickstart = _timed([*_rwray(), "quickstart"], work / "qs", work / "quickstart.log")
         plains.append(run_plain(work, settings, ROUNDS))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    raw = {"plain": plains, "rwray": rw, "quickstart": quickstart, "epochs": cfg.train.epochs,
+    raw = {"plain": plains, "rwray": rw, "floor": floors, "quickstart": quickstart, "epochs": cfg.train.epochs,
            "workers_default": cfg.scaling.num_workers, "load0": load0, "load1": os.getloadavg()[0],
            "started": started.isoformat(), "code": _code(Path(rwray.__file__).parent)}
     results = _results(doc)
@@ -221,6 +250,9 @@ def summarize(raw: dict) -> dict:
     epochs = raw["epochs"]
     plain_total = statistics.median(p["total"] for p in raw["plain"])
     plain_epoch = statistics.median(statistics.median(p["epochs"][1:]) for p in raw["plain"])
+    # the plain process's own start and end (imports, reading the shards, building the model): what it costs
+    # besides its epochs
+    plain_start = statistics.median(p["total"] - sum(p["epochs"]) for p in raw["plain"])
     rows = {}
     for w, runs in sorted(raw["rwray"].items(), key=lambda kv: int(kv[0])):
         runs = runs if isinstance(runs, list) else [runs]  # results of the one-run version
@@ -234,7 +266,12 @@ def summarize(raw: dict) -> dict:
                         "per_epoch": per_epoch, "per_epoch_pct": 100 * per_epoch / plain_epoch,
                         "fixed": total - plain_total - epochs * per_epoch,
                         "test_balanced": [r["test_balanced"] for r in runs]}
-    return {"plain_total": plain_total, "plain_epoch": plain_epoch, "rows": rows,
+        if raw.get("floor"):
+            fl = raw["floor"][str(w)] if str(w) in raw["floor"] else raw["floor"][w]
+            rows[int(w)]["floor_totals"] = fl
+            rows[int(w)]["floor"] = statistics.median(fl) - plain_start  # Ray Train's part of the fixed overhead
+            rows[int(w)]["own"] = rows[int(w)]["fixed"] - rows[int(w)]["floor"]
+    return {"plain_total": plain_total, "plain_epoch": plain_epoch, "plain_start": plain_start, "rows": rows,
             "per_epoch_goal": max(0.2, 0.1 * plain_epoch)}
 
 
@@ -261,6 +298,13 @@ def render(raw: dict) -> str:
                      f"<= max(0.2 s, 10 % of plain) = {s['per_epoch_goal']:.2f} s",
                      lambda r: r["per_epoch"] <= s["per_epoch_goal"])
     pct = line("per epoch, % of the plain epoch", lambda r: f"{r['per_epoch_pct']:+.0f} %")
+    floor_rows = ""
+    if all("floor" in rows[w] for w in cols):
+        floor_rows = "\n".join([
+            line("of the fixed: Ray Train's floor (s) = floor run - plain start", lambda r: f"{r['floor']:.1f}"),
+            line("of the fixed: rwray's own (s) = fixed - floor", lambda r: f"{r['own']:.1f}"),
+            line("floor run, each (s): Ray start, a no-op fit, shutdown", lambda r: ", ".join(
+                f"{t:.1f}" for t in r["floor_totals"]))]) + "\n"
     totals = " | ".join(f"{rows[w]['total']:.1f}" for w in cols)
     each = " | ".join(", ".join(f"{t:.1f}" for t in rows[w]["totals"]) for w in cols)
     epoch_walls = " | ".join(f"{rows[w]['epoch']:.3f}" for w in cols)
@@ -275,8 +319,10 @@ quickstart` in a fresh process (local Ray, local MLflow sqlite store); its epoch
 metric timestamps in the MLflow run (train + eval + checkpoint + report + logging), median over epochs 2..{epochs}.
 Plain = the same model, optimizer, schedule, shards (read with pyarrow), batch size and epochs in one fresh process
 with 1 thread, evaluating and `torch.save`-ing every epoch; median of {len(raw['plain'])} runs (totals {plain_totals} s;
-epoch medians {plain_epochs} s). rwray: median of {len(rows[cols[0]]['totals'])} runs per worker count. Runs
+epoch medians {plain_epochs} s; start and end besides the epochs, median {s['plain_start']:.1f} s). rwray: median of {len(rows[cols[0]]['totals'])} runs per worker count. Runs
 interleaved ({len(rows[cols[0]]['totals'])} x [plain, rwray 1 worker, rwray 2 workers], then `rwray quickstart`, plain).
+The floor: `bench_overhead.py --floor N` in a fresh process, a local Ray started as rwray starts it and a trainer on
+the same settings whose N workers report once and return; what any Ray Train run pays here before its first step.
 Load average (1 min) {raw['load0']:.1f} at the start, {raw['load1']:.1f} at the end: absolute
 times are noisy.
 
@@ -290,7 +336,7 @@ times are noisy.
 | overhead | {head} | goal | verdict |
 |---|{'---:|' * len(cols)}---|---|
 {fixed}
-{per_epoch}
+{floor_rows}{per_epoch}
 {pct}
 
 | `rwray quickstart` (both recipes, {nw} workers, first use: shards prepared) | wall (s) | goal | verdict |
@@ -309,6 +355,8 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["--plain"]:
         plain(args[1], args[2])
+    elif args[:1] == ["--floor"]:
+        floor(args[1], args[2])
     elif args[:1] == ["--render-only"]:  # rewrite the doc from the last run's results
         doc = Path(args[2]) if args[1:2] == ["--doc"] else DOC
         write(json.loads(_results(doc).read_text()), doc)
