@@ -3,7 +3,8 @@
 rwray: `rwray train quickstart` (the bundled recipe: long-tailed digits, small_cnn width 32, batch 32, 10 epochs,
 val + test evaluated and a checkpoint reported every epoch) as a fresh subprocess, the command a user runs, with
 output_dir in a temporary folder; once with scaling.num_workers=1 (the plain script's compute: one worker process,
-one thread) and with the recipe's 2 workers, ROUNDS times each (medians: one start-up varies by seconds here). Its epoch wall time is the spacing of consecutive epochs'
+one thread) and with the recipe's 2 workers, ROUNDS times each (medians: one start-up varies by seconds here).
+Its epoch wall time is the spacing of consecutive epochs'
 timestamps in the MLflow run (every epoch's metrics carry the time rank 0 reported it: `report_epoch`), so it
 includes the checkpoint, the report and the logging, not only the loop's own `time/epoch_s`.
 
@@ -267,7 +268,7 @@ def summarize(raw: dict) -> dict:
                         "fixed": total - plain_total - epochs * per_epoch,
                         "test_balanced": [r["test_balanced"] for r in runs]}
         if raw.get("floor"):
-            fl = raw["floor"][str(w)] if str(w) in raw["floor"] else raw["floor"][w]
+            fl = raw["floor"][w]  # keyed like raw["rwray"]: ints in memory, strings once read back from JSON
             rows[int(w)]["floor_totals"] = fl
             rows[int(w)]["floor"] = statistics.median(fl) - plain_start  # Ray Train's part of the fixed overhead
             rows[int(w)]["own"] = rows[int(w)]["fixed"] - rows[int(w)]["floor"]
