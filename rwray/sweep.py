@@ -79,8 +79,11 @@ def _scheduler(cfg: Config):
 
 
 def _search_alg(cfg: Config):
+    """The sampler, seeded by train.seed: the same job file samples the same trials."""
     if cfg.tune.search != "optuna":
-        return None  # random sampling / grid expansion by Tune's basic variant generator
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=cfg.train.seed)  # random sampling / grid expansion
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(seed=cfg.train.seed)
