@@ -81,6 +81,46 @@ def test_a_run_without_datasets_starts_no_dataset_manager(ray_local):
     assert DatasetsCallback in kinds(datasets={"train": ray.data.range(4)})
 
 
+def test_the_local_scaling_policy_decides_as_rays_fixed_policy_without_the_coordinator():
+    """On the Ray a driver started itself, the fixed-size policy's decisions are Ray's, and no
+    AutoscalingCoordinator is created or asked (its client stays unset through start, decisions and shutdown)."""
+    import asyncio
+
+    import ray.train
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy, ResizeDecision
+
+    from rwray.train.rayenv import local_scaling_policy
+
+    sc = ray.train.ScalingConfig(num_workers=3, resources_per_worker={"CPU": 2})
+    ours, rays = local_scaling_policy(sc), FixedScalingPolicy(sc)
+    assert isinstance(ours, FixedScalingPolicy)
+    ours.after_controller_start(None)
+    decision = ours.make_decision_for_non_running_worker_group()
+    assert isinstance(decision, ResizeDecision)
+    assert (decision.num_workers, decision.resources_per_worker) == (3, {"CPU": 2})
+    rays._maybe_send_resource_request = lambda: None  # Ray's would need the coordinator; compare the decision only
+    assert decision == rays.make_decision_for_non_running_worker_group()
+    assert ours.make_decision_for_running_worker_group(None, None) == rays.make_decision_for_running_worker_group(
+        None, None)
+    asyncio.run(ours.before_controller_shutdown())
+    ours.before_controller_abort()
+    assert ours._coordinator_client is None
+
+
+def test_a_run_on_the_ray_its_driver_started_trains_with_the_local_policy(tmp_path, digits_dir, ray_local,
+                                                                          monkeypatch):
+    """The policy goes to a real controller (pickled by value, no rwray import there) and the run trains."""
+    from rwray.train import rayenv
+
+    made = []
+    real = rayenv.local_scaling_policy
+    monkeypatch.setattr(rayenv, "_started_here", True)
+    monkeypatch.setattr(rayenv, "local_scaling_policy", lambda sc: made.append(sc.num_workers) or real(sc))
+    res = run(job(tmp_path, digits_dir, train={"epochs": 1}))
+    assert made == [2]
+    assert res.metrics["train/loss"] > 0 and 0 <= res.metrics["val/balanced_acc"] <= 1
+
+
 def test_large_splits_stream_from_ray_data_and_train_the_same_run(tmp_path, digits_dir, ray_local, monkeypatch):
     """A split above SMALL_SPLIT_BYTES is a Ray Dataset each worker streams (get_dataset_shard); a small one one
     object-store table. Same rows in the same (seed, epoch) order: the same run, to the last bit of the loss."""

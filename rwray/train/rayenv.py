@@ -16,6 +16,8 @@ from rwray.data import Manifest
 from rwray.errors import ClusterUnreachable, Interrupted
 from rwray.train.resources import local_cpus
 
+_started_here = False  # this process started the Ray it is connected to (no other job, no autoscaler)
+
 
 def connect_ray(cfg: Config, concurrent_runs: int = 1) -> None:
     """Join RAY_ADDRESS when set (a cluster or `ray start --head`), otherwise start a local Ray."""
@@ -38,8 +40,13 @@ def connect_ray(cfg: Config, concurrent_runs: int = 1) -> None:
     # machine cannot hold is refused by resources.check. Worker processes import torch: on a loaded laptop that
     # can take longer than Ray Train's default 60 s start-up timeout.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    # A Ray started for one command sends no usage statistics (the user's own setting wins); collecting them costs
+    # ray.init ~1 s.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=local_cpus(os.cpu_count() or 1, concurrent_runs), include_dashboard=False, log_to_driver=True,
              configure_logging=not output.captured())
+    global _started_here
+    _started_here = True
     output.attach_ray()
 
 
@@ -112,11 +119,16 @@ def data_sources(manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def torch_trainer(**kwargs: Any):
-    """A `TorchTrainer`, less Ray Data's plumbing when it is handed no Dataset (every split small).
+    """A `TorchTrainer`, less two pieces of Ray's plumbing a run does not use.
 
-    Ray Train 2.60 starts a DatasetManager actor for every run, datasets or not: one more process importing Ray
-    Data (~1.5 s of CPU), started while the workers import torch, on a laptop the CPU their start-up waits for. Only
-    that default callback is left out; the rest is TorchTrainer's own."""
+    - Ray Train 2.60 starts a DatasetManager actor for every run, datasets or not: one more process importing Ray
+      Data (~1.5 s of CPU), started while the workers import torch, on a laptop the CPU their start-up waits for.
+      Left out when no split is a Dataset.
+    - Its scaling policy registers the workers' resources with an AutoscalingCoordinator actor, created on first
+      use, and the controller waits for it before it asks for the workers (~1.5 s here). That actor tells an
+      autoscaler and concurrent Ray Data jobs what Train holds: on the Ray this process started itself there is
+      neither, and the policy skips it (`local_scaling_policy`). On any other Ray it is Ray's own.
+    """
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 
@@ -125,7 +137,30 @@ def torch_trainer(**kwargs: Any):
             callbacks = super()._create_default_callbacks()
             return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
+        def _initialize_and_run_controller(self, **controller_kwargs):
+            if _started_here and not self.scaling_config.elasticity_enabled:
+                controller_kwargs["scaling_policy"] = local_scaling_policy(self.scaling_config)
+            return super()._initialize_and_run_controller(**controller_kwargs)
+
     return Trainer(**kwargs)
+
+
+def local_scaling_policy(scaling_config):
+    """Ray Train's fixed-size policy (the same decisions) without the AutoscalingCoordinator round-trips. Defined
+    here, not at module level, so the controller unpickles it without importing rwray."""
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+    class LocalFixedScalingPolicy(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context):
+            pass
+
+        def _maybe_send_resource_request(self):
+            pass
+
+        def _cancel_resource_request(self):
+            pass
+
+    return LocalFixedScalingPolicy(scaling_config)
 
 
 @contextlib.contextmanager
