@@ -8,12 +8,15 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from rwray.tracking.schema import seed_sqlite
+
 FIRST_DELAY_S = 0.5
 
 
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    seed_sqlite(uri)  # a new local store: a copy of the cached empty schema, not MLflow's migrations
     return MlflowClient(tracking_uri=uri)
 
 
