@@ -290,3 +290,16 @@ def test_two_workers_equal_one_worker(gloo):
         assert r["end"].keys() == end.keys()
         for k, v in end.items():
             assert r["end"][k] == pytest.approx(v, rel=1e-6)
+
+
+def test_a_class_weighted_base_loss_is_reduced_per_sample_under_absgd_unless_set():
+    """ABSGD weighs each sample's own w_y * loss (its seed's reduction='none'); ERM keeps the seeds'
+    F.cross_entropy(weight=w) reduction. An explicit choice is kept either way, and survives a round trip."""
+    from rwray.methods.erm import ERMParams
+
+    assert ABSGDParams(lam=5.0, loss={"name": "cb_ce"}).loss.reduction == "mean"
+    assert ABSGDParams(lam=5.0, loss={"name": "ldam", "drw_epoch": 3}).loss.reduction == "mean"
+    kept = ABSGDParams(lam=5.0, loss={"name": "ldam", "reduction": "weighted_mean"})
+    assert kept.loss.reduction == "weighted_mean"
+    assert ABSGDParams.model_validate(kept.model_dump()).loss.reduction == "weighted_mean"
+    assert ERMParams(loss={"name": "cb_ce"}).loss.reduction == "weighted_mean"

@@ -92,11 +92,45 @@ def test_cb_weights_sum_to_c_and_rarer_is_larger():
 
 def test_cb_ce_matches_hand_formula():
     w = cb_weights_ref(COUNTS, 0.9999)
-    close(build(CBCEParams())(logits(), targets()), [w[y] * ce_row(z, y) for z, y in zip(Z, Y)])
+    per_sample = [w[y] * ce_row(z, y) for z, y in zip(Z, Y)]
+    close(build(CBCEParams(reduction="mean"))(logits(), targets()), per_sample)
+    # the default divides by the batch's mean weight, so that the batch mean is sum w*l / sum w
+    mean_w = sum(w[y] for y in Y) / len(Y)
+    close(build(CBCEParams())(logits(), targets()), [v / mean_w for v in per_sample])
+
+
+def weighted_reference(weighted_logits: torch.Tensor, w: list[float]) -> torch.Tensor:
+    """The seeds' reduction, by PyTorch: F.cross_entropy(z, y, weight=w) = sum_i w_yi * CE_i / sum_i w_yi."""
+    return torch.nn.functional.cross_entropy(weighted_logits, targets(), weight=torch.tensor(w))
+
+
+@pytest.mark.parametrize("make, ref_logits", [
+    (lambda: build(CBCEParams(drw_epoch=2)), lambda z: z),
+    (lambda: build(LDAMParams(s=30.0, drw_epoch=2)),
+     lambda z: 30.0 * (z - ldam_margins(torch.tensor(COUNTS), 0.5)[targets()][:, None]
+                       * torch.nn.functional.one_hot(targets(), 4))),
+])
+def test_the_weighted_mean_reduction_is_cross_entropy_with_weight_through_the_loop(make, ref_logits):
+    """ERM's one weighted reduction (the loop's) of the default reduction: exactly F.cross_entropy(weight=w), value
+    and gradient, once DRW has switched the weights on; before, the plain mean."""
+    from rwray.methods import StepOutput, weighted_loss
+
+    loss = make()
+    w = cb_weights_ref(COUNTS, 0.9999)
+    for epoch, weights in ((0, [1.0] * 4), (2, w)):
+        loss.begin_epoch(epoch)
+        z = logits().requires_grad_()
+        ours = weighted_loss(StepOutput(losses=(per := loss(z, targets())), weights=torch.ones_like(per)))
+        (grad,) = torch.autograd.grad(ours, z)
+        z_ref = logits().requires_grad_()
+        want = weighted_reference(ref_logits(z_ref), weights)
+        (grad_ref,) = torch.autograd.grad(want, z_ref)
+        torch.testing.assert_close(ours, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-7)
 
 
 def test_cb_ce_drw_switches_exactly_at_drw_epoch():
-    loss = build(CBCEParams(drw_epoch=3))
+    loss = build(CBCEParams(drw_epoch=3, reduction="mean"))
     w = cb_weights_ref(COUNTS, 0.9999)
     plain = [ce_row(z, y) for z, y in zip(Z, Y)]
     weighted = [w[y] * ce_row(z, y) for z, y in zip(Z, Y)]
@@ -161,7 +195,7 @@ def test_ldam_matches_hand_formula(s):
 
 
 def test_ldam_drw_switches_exactly_at_drw_epoch_and_none_never_reweights():
-    loss = build(LDAMParams(s=1.0, drw_epoch=3))
+    loss = build(LDAMParams(s=1.0, drw_epoch=3, reduction="mean"))
     cb = cb_weights_ref(COUNTS, 0.9999)
     close(loss(logits(), targets()), ldam_ref(1.0, 0.5))
     loss.begin_epoch(2)
@@ -270,3 +304,42 @@ def test_lq_truncated_samples_get_no_gradient_and_q1_is_mae():
 def test_params_reject_out_of_range(cls, kwargs):
     with pytest.raises(ValidationError):
         cls(**kwargs)
+
+
+# ----- the weighted mean over 2 workers, for real (gloo on 127.0.0.1) ------------------------------------------------
+# 8 samples x 4 classes: two workers hold 4 each, with different class mixes (so their local sums of w_y differ).
+Z8 = Z + [[0.3, -0.2, 1.5, 0.4], [1.1, 0.0, -0.7, 2.2], [-0.4, 0.9, 0.3, 0.1], [0.0, 0.5, -1.2, 0.8]]
+Y8 = Y + [3, 3, 2, 3]
+
+
+def _weighted_mean_rank(rank: int, world: int, loss_name: str) -> dict:
+    from rwray.methods import StepOutput, weighted_loss
+
+    params = CBCEParams(drw_epoch=0) if loss_name == "cb_ce" else LDAMParams(s=30.0, drw_epoch=0)
+    loss = build(params)
+    loss.begin_epoch(0)
+    half = slice(rank * 4, rank * 4 + 4)
+    z = torch.tensor(Z8, dtype=torch.float32)[half].requires_grad_()
+    per = loss(z, torch.tensor(Y8)[half])
+    local = weighted_loss(StepOutput(losses=per, weights=torch.ones_like(per)))
+    local.backward()
+    return {"loss": local.detach(), "grad": z.grad}
+
+
+@pytest.mark.parametrize("loss_name", ["cb_ce", "ldam"])
+def test_the_weighted_mean_over_two_workers_is_cross_entropy_with_weight_on_the_global_batch(gloo, loss_name):
+    """Each worker reduces its half with the loop's mean; DDP averages the workers' gradients. With the global
+    mean weight all-reduced, that is F.cross_entropy(weight=w) of one process holding all 8 samples."""
+    ranks = gloo(_weighted_mean_rank, loss_name)
+    z, y = torch.tensor(Z8, dtype=torch.float32).requires_grad_(), torch.tensor(Y8)
+    w = torch.tensor(cb_weights_ref(COUNTS, 0.9999))
+    margins = ldam_margins(torch.tensor(COUNTS), 0.5)[y]
+    onehot = torch.nn.functional.one_hot(y, 4)
+    scored = 30.0 * (z - margins[:, None] * onehot) if loss_name == "ldam" else z  # [8, 4] what CE is taken of
+    want = torch.nn.functional.cross_entropy(scored, y, weight=w)
+    want.backward()
+    torch.testing.assert_close(sum(r["loss"] for r in ranks) / 2, want.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]) / 2, z.grad, rtol=1e-5, atol=1e-7)
+    # each half's own weighted mean, averaged, is another number: the normaliser really is the global one
+    halves = [torch.nn.functional.cross_entropy(scored.detach()[h], y[h], weight=w) for h in (slice(0, 4), slice(4, 8))]
+    assert abs(float(sum(halves) / 2) - want.item()) > 1e-3

@@ -2,9 +2,18 @@
 
 Each class c gets the weight w_c ∝ (1 − β) / (1 − β^{n_c}), the inverse of its "effective number" of samples,
 normalised so that Σ_c w_c = C (uniform weights are all ones, so the loss scale stays comparable to CE).
-The per-sample loss is w_{y_i} · CE_i — not divided by Σ w, because the batch reduction happens once, in the loop.
 
-`class_balanced_weights` and `DeferredClassWeights` are reused by LDAM-DRW.
+Two reductions of the weighted batch (``reduction``):
+
+* ``weighted_mean`` (default): Σ_i w_{y_i}·ℓ_i / Σ_i w_{y_i} over the global batch — what the seeds'
+  ``F.cross_entropy(weight=w)`` computes. The per-sample loss is w_{y_i}·ℓ_i / mean_global(w_y), the mean taken
+  over every worker's batch (all-reduced, detached): the loop's mean over the batch, averaged over workers by DDP,
+  is then exactly the seeds' ratio. On CIFAR-10-LT IF 100 with β = 0.9999 mean(w_y) is ~0.17 once DRW starts, so
+  this step is ~6× the other one.
+* ``mean``: Σ_i w_{y_i}·ℓ_i / B, the per-sample loss w_{y_i}·ℓ_i as it is. What a reweighting method stacked on
+  top (ABSGD) weighs in its seed code (``reduction='none'``).
+
+`class_balanced_weights`, `DeferredClassWeights` and `reduce_class_weighted` are reused by LDAM-DRW.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from typing import Literal, Sequence
 import torch
 from pydantic import Field
 
+from rwray import dist
 from rwray.datainfo import DataInfo
 from rwray.losses.base import PerSampleLoss
 from rwray.losses.ce import cross_entropy
@@ -72,27 +82,45 @@ class DeferredClassWeights:
         return self.cb
 
 
+Reduction = Literal["weighted_mean", "mean"]
+REDUCTION_DOC = ("weighted_mean: sum w_y*loss / sum w_y over the global batch, as F.cross_entropy(weight=w) (the seeds'); "
+                 "mean: sum w_y*loss / B (what ABSGD's seed code weighs)")
+
+
 class CBCEParams(Params):
     name: Literal["cb_ce"] = "cb_ce"
     beta: float = Field(0.9999, gt=0.0, lt=1.0, description="effective-number β; 0 would be CE, → 1 is inverse frequency")
     drw_epoch: int | None = Field(None, ge=0, description="uniform weights before this epoch, CB from it on; None: CB always")
+    reduction: Reduction = Field("weighted_mean", description=REDUCTION_DOC)
 
 
-def class_balanced_ce(logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None) -> torch.Tensor:
-    """[B, K], [B], [K] or None -> [B]: w_{y_i} · CE_i (float32 at least)."""
-    ce = cross_entropy(logits, targets)  # [B] float32
-    if class_weights is None:
-        return ce
-    return class_weights.to(device=ce.device, dtype=ce.dtype)[targets] * ce
+def reduce_class_weighted(per_sample: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None,
+                          reduction: Reduction) -> torch.Tensor:
+    """[B] unweighted per-sample losses, [B] targets, [K] class weights or None -> [B] weighted per-sample losses
+    whose batch mean is the chosen reduction (see the module docstring). Collective under ``weighted_mean``: every
+    worker calls it at every step."""
+    if class_weights is None:  # uniform: both reductions are the plain mean
+        return per_sample
+    w = class_weights.to(device=per_sample.device, dtype=per_sample.dtype)[targets]  # [B]
+    if reduction == "weighted_mean":
+        return w * per_sample / dist.global_mean(w)  # [B]; the normaliser is a constant, as in F.cross_entropy
+    return w * per_sample
+
+
+def class_balanced_ce(logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None,
+                      reduction: Reduction = "weighted_mean") -> torch.Tensor:
+    """[B, K], [B], [K] or None -> [B]: w_{y_i} · CE_i, over mean_global(w_y) under weighted_mean (float32 at least)."""
+    return reduce_class_weighted(cross_entropy(logits, targets), targets, class_weights, reduction)
 
 
 class ClassBalancedCE(PerSampleLoss):
     def __init__(self, params: CBCEParams, info: DataInfo):
         super().__init__()
         self.weights = DeferredClassWeights(class_balanced_weights(class_counts(info), params.beta), params.drw_epoch)
+        self.reduction = params.reduction
 
     def begin_epoch(self, epoch: int) -> None:
         self.weights.begin_epoch(epoch)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return class_balanced_ce(logits, targets, self.weights.current(logits.device))
+        return class_balanced_ce(logits, targets, self.weights.current(logits.device), self.reduction)

@@ -100,6 +100,16 @@ class ABSGDParams(Params):
             raise ValueError("ABSGD init_lam is only used before lam_epoch: set lam_epoch too")
         return self
 
+    @model_validator(mode="after")
+    def _per_sample_class_weights(self) -> "ABSGDParams":
+        """ABSGD weighs each sample's own loss, w_y·ℓ_i as its seed code computes it (reduction='none'): a
+        class-weighted base loss (cb_ce, ldam) defaults to reduction=mean here, not to the batch-normalised
+        weighted_mean, whose per-sample values carry the batch's mean weight into exp(ℓ/λ). An explicit
+        reduction is kept."""
+        if "reduction" in type(self.loss).model_fields and "reduction" not in self.loss.model_fields_set:
+            self.loss.reduction = "mean"
+        return self
+
 
 def _is_erm(lam: float | None) -> bool:
     return lam is None or lam >= ERM_LAMBDA
