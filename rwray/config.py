@@ -46,6 +46,11 @@ class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     seed: int = 0
     grad_accum: int = Field(1, ge=1)
+    # Clip the global L2 norm of the model's gradient to this before each update (torch's clip_grad_norm_); None: off.
+    clip_grad_norm: float | None = Field(None, gt=0)
+    # Keep an exponential moving average of the weights (θ_ema ← d·θ_ema + (1 − d)·θ after each update; BatchNorm
+    # statistics too) and evaluate, select and report it instead of the raw weights; None: off.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
     amp: Literal["auto", "bf16", "none"] = "auto"  # auto: bf16 autocast on GPU, none on CPU
     select_metric: SelectMetric = "val/balanced_acc"
     # Ray Train restarts a worker group that lost a worker this many times, from the last checkpoint (0: never).

@@ -68,6 +68,16 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
+def broadcast_module_(module: nn.Module, src: int = 0) -> None:
+    """Make ``module``'s parameters and buffers rank ``src``'s, in place, on every worker. For state each worker
+    updates on its own from local data, such as BatchNorm statistics outside DDP (which only syncs its own
+    module's buffers, at its forward)."""
+    if not is_distributed():
+        return
+    for t in [*module.parameters(), *module.buffers()]:
+        tdist.broadcast(t.data, src=src)
+
+
 def barrier() -> None:
     if is_distributed():
         tdist.barrier()

@@ -121,6 +121,39 @@ def test_a_run_on_the_ray_its_driver_started_trains_with_the_local_policy(tmp_pa
     assert res.metrics["train/loss"] > 0 and 0 <= res.metrics["val/balanced_acc"] <= 1
 
 
+def test_with_a_weight_ema_the_run_is_scored_on_the_ema(tmp_path, digits_dir, ray_local):
+    """train.ema_decay: the checkpoint carries the moving average, and the run's test metrics are those of the
+    averaged weights (re-scored here from the checkpoint, on the test shards), not of the raw ones."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from rwray.data import Manifest
+    from rwray.metrics import summarize
+    from rwray.models import MODELS
+    from rwray.train.batches import Images, arrow_rows
+    from rwray.train.epoch import evaluate, weight_ema
+
+    cfg = job(tmp_path, digits_dir, train={"epochs": 2, "ema_decay": 0.9})
+    res = run(cfg)
+    state = checkpoint.load(res.checkpoint_path)
+    assert state["epoch"] == 1 and "ema" in state
+    m = Manifest.load(digits_dir)
+    info = m.data_info()
+    rows = arrow_rows(pq.read_table(m.shard_paths("test")))
+    batch = Images(info, m.mean, m.std, torch.device("cpu"))(rows)
+
+    def test_top1(weights: dict) -> float:
+        model = MODELS.build(cfg.model, info)
+        model.load_state_dict(weights)
+        cm, _ = evaluate(model, [batch], info.num_classes)
+        return summarize(cm, info.class_counts)["top1"]
+
+    averaged = weight_ema(MODELS.build(cfg.model, info), 0.9)
+    averaged.load_state_dict(state["ema"])
+    assert res.metrics["test/top1"] == pytest.approx(test_top1(averaged.module.state_dict()), abs=1e-9)
+    assert res.metrics["test/top1"] != pytest.approx(test_top1(state["model"]), abs=1e-9)
+
+
 def test_large_splits_stream_from_ray_data_and_train_the_same_run(tmp_path, digits_dir, ray_local, monkeypatch):
     """A split above SMALL_SPLIT_BYTES is a Ray Dataset each worker streams (get_dataset_shard); a small one one
     object-store table. Same rows in the same (seed, epoch) order: the same run, to the last bit of the loss."""

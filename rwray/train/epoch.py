@@ -12,11 +12,20 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from rwray import dist
 from rwray.errors import BatchTooLarge, NonFiniteLoss
 from rwray.methods import Method, StepInputs, weighted_loss
-from rwray.metrics import TRAIN_LOSS, TRAIN_MEAN_WEIGHT, TRAIN_SAMPLES, bias_cell_counts, confusion_matrix
+from rwray.metrics import (
+    TRAIN_CLIPPED,
+    TRAIN_GRAD_NORM,
+    TRAIN_LOSS,
+    TRAIN_MEAN_WEIGHT,
+    TRAIN_SAMPLES,
+    bias_cell_counts,
+    confusion_matrix,
+)
 from rwray.train.batches import Batch
 
 # torch.cuda.OutOfMemoryError is torch.OutOfMemoryError (every accelerator's); the name exists on CPU builds too.
@@ -35,15 +44,40 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on)
 
 
+def update(model: nn.Module, opt: torch.optim.Optimizer, clip_grad_norm: float | None,
+           ema: AveragedModel | None = None) -> torch.Tensor | None:
+    """One optimizer step, the gradients' global L2 norm clipped to ``clip_grad_norm`` first when set (DDP has
+    already averaged them, so every worker clips the same gradient the same way), then the EMA of the weights
+    moved. -> the norm before clipping ([] on the device, no host sync), or None."""
+    norm = None
+    if clip_grad_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update_parameters(dist.unwrap(model))
+    return norm
+
+
+def weight_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights and buffers (BatchNorm statistics too):
+    θ_ema ← decay·θ_ema + (1 − decay)·θ after every update, starting from the weights of the first update
+    (torch.optim.swa_utils semantics). Evaluate it like the model."""
+    return AveragedModel(dist.unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def train_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, batches: Iterable[Batch], epoch: int,
                 grad_accum: int = 1, amp: str = "none",
-                on_step: Callable[[int], None] | None = None) -> dict[str, float]:
-    """One pass over this worker's batches. Returns epoch metrics (losses exact over workers).
+                on_step: Callable[[int], None] | None = None, clip_grad_norm: float | None = None,
+                ema: AveragedModel | None = None) -> dict[str, float]:
+    """One pass over this worker's batches. Returns epoch metrics (losses exact over workers; with clipping, the
+    mean gradient norm before clipping and the fraction of updates clipped).
 
     Out of accelerator memory raises `BatchTooLarge` naming data.batch_size; ``on_step(step)`` runs after each
     step (progress reporting)."""
     model.train()
     device = next(model.parameters()).device
+    norms: list[torch.Tensor] = []  # [] each, on the device: read once, at the end
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = weight_sum = 0.0
     method_metrics: dict[str, float] = {}
@@ -63,9 +97,8 @@ def train_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, ba
                     raise NonFiniteLoss(epoch, step, b.index[bad].tolist())
                 loss = weighted_loss(out)
                 (loss / grad_accum).backward()
-            if last_micro:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            if last_micro and (norm := update(model, opt, clip_grad_norm, ema)) is not None:
+                norms.append(norm)
         except OOM as e:
             raise _oom("data.batch_size", len(b.y), f"at epoch {epoch}, step {step}", grad_accum, e) from None
         loss_sum += out.losses.detach().double().sum()
@@ -75,13 +108,17 @@ def train_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, ba
             method_metrics[k] = method_metrics.get(k, 0.0) + float(v)
         if on_step is not None:
             on_step(step)
-    if (step + 1) % grad_accum != 0:  # a trailing partial accumulation still updates
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    if (step + 1) % grad_accum != 0 and (norm := update(model, opt, clip_grad_norm, ema)) is not None:
+        norms.append(norm)  # a trailing partial accumulation still updates
     totals = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(seen, dtype=torch.float64, device=device)]))
     steps = max(step + 1, 1)
+    clipping = {}
+    if norms:  # the same on every worker (the gradients are)
+        n = torch.stack(norms).float()
+        clipping = {TRAIN_GRAD_NORM: float(n.mean()), TRAIN_CLIPPED: float((n > clip_grad_norm).float().mean())}
     return {TRAIN_LOSS: float(totals[0] / totals[1].clamp(min=1)), TRAIN_SAMPLES: float(totals[1]),
-            TRAIN_MEAN_WEIGHT: weight_sum / max(seen, 1), **{k: v / steps for k, v in method_metrics.items()}}
+            TRAIN_MEAN_WEIGHT: weight_sum / max(seen, 1), **clipping,
+            **{k: v / steps for k, v in method_metrics.items()}}
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ from rwray.optim import build_optimizer, build_scheduler
 from rwray.tracking import BufferedRunLogger
 from rwray.train import checkpoint
 from rwray.train.batches import Batch, EvalRows, Images, TrainRows, arrow_rows, epoch_seed
-from rwray.train.epoch import evaluate, train_epoch
+from rwray.train.epoch import evaluate, train_epoch, weight_ema
 from rwray.train.progress import EpochTicker, progress_line, status_writer
 from rwray.train.rayenv import quiet_data
 
@@ -86,6 +86,7 @@ class Worker:
     method: Method
     opt: torch.optim.Optimizer
     sched: Any
+    ema: nn.Module | None = None  # train.ema_decay: the weights' moving average, evaluated and selected on
     start_epoch: int = 0
     best: dict[str, Any] = field(default_factory=lambda: {"score": float("-inf"), "epoch": -1, "cms": {}})
     history: dict[int, dict[str, Any]] = field(default_factory=dict)  # epoch -> {"ts": ms, "metrics": {...}}
@@ -107,13 +108,15 @@ def build(cfg: Config) -> Worker:
     method.attach(model, ray.train.torch.prepare_model, device)
     opt = build_optimizer(cfg.optim, model.parameters())
     sched = build_scheduler(cfg.schedule, opt, cfg.train.epochs)
-    return Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, manifest, info, model, method, opt, sched)
+    ema = weight_ema(model, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
+    return Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, manifest, info, model, method, opt, sched,
+                  ema)
 
 
 def checkpoint_state(w: Worker, epoch: int) -> dict[str, Any]:
     return {"model": dist.unwrap(w.model).state_dict(), "optimizer": w.opt.state_dict(),
             "scheduler": w.sched.state_dict(), "method": w.method.state_dict(), "epoch": epoch, "best": w.best,
-            "history": w.history}
+            "history": w.history, **({"ema": w.ema.state_dict()} if w.ema is not None else {})}
 
 
 def restore(w: Worker, same_run) -> None:
@@ -131,6 +134,8 @@ def restore(w: Worker, same_run) -> None:
     w.opt.load_state_dict(state["optimizer"])
     w.sched.load_state_dict(state["scheduler"])
     w.method.load_state_dict(state["method"])
+    if w.ema is not None and "ema" in state:  # else the average starts again, from the restored weights
+        w.ema.load_state_dict(state["ema"])
     w.start_epoch, w.best = state["epoch"] + 1, state["best"]
     if same_run is not None:
         w.history = {int(e): h for e, h in state.get("history", {}).items()}
@@ -220,13 +225,16 @@ def run_epoch(w: Worker, data: Data, epoch: int, status: Callable[[int, int], No
             say(w, line)
 
     metrics = train_epoch(w.model, w.method, w.opt, data.train(epoch), epoch, cfg.train.grad_accum, cfg.train.amp,
-                          on_step=on_step)
+                          on_step=on_step, clip_grad_norm=cfg.train.clip_grad_norm, ema=w.ema)
     metrics[TRAIN_LR] = w.opt.param_groups[0]["lr"]
     w.sched.step()
     metrics.update(w.method.end_epoch(epoch))
     cms = {}
+    if w.ema is not None:  # its BatchNorm statistics averaged each worker's own: score rank 0's (the checkpoint's)
+        dist.broadcast_module_(w.ema)
+    scored = w.ema if w.ema is not None else w.model  # what is evaluated, and so selected
     for split in w.manifest.eval_splits:
-        cm, cells = evaluate(w.model, data.eval(split), w.info.num_classes, cfg.train.amp, data.num_bias)
+        cm, cells = evaluate(scored, data.eval(split), w.info.num_classes, cfg.train.amp, data.num_bias)
         cms[split] = cm = cm.cpu()
         metrics.update(split_metrics(split, cm, cells, w.info.class_counts))
     metrics[EPOCH_S] = time.perf_counter() - t0
@@ -291,6 +299,9 @@ def log_final_artifacts(log: BufferedRunLogger, w: Worker) -> None:
         tmp = Path(tmp)
         torch.save(dist.unwrap(w.model).state_dict(), tmp / "model.pt")
         log.artifact(tmp / "model.pt", "checkpoints/last")
+        if w.ema is not None:  # the weights the metrics were measured on
+            torch.save(w.ema.module.state_dict(), tmp / "model_ema.pt")
+            log.artifact(tmp / "model_ema.pt", "checkpoints/last")
         cm = best["cms"]["test"]
         acc = per_class_accuracy(cm).nan_to_num(0).tolist()
         (tmp / "confusion_matrix.json").write_text(json.dumps({"classes": classes, "rows_true_cols_pred": cm.tolist(),
