@@ -21,6 +21,7 @@ from rwray.methods.erm import ERMParams
 from rwray.models import ModelConfig
 from rwray.optim import OptimConfig, ScheduleConfig
 from rwray.registry import union_of
+from rwray.train.sampling import Sampler
 
 SourceConfig = union_of(SOURCES)
 
@@ -40,6 +41,9 @@ class DataConfig(Section):
     eval_batch_size: int = Field(512, ge=1)  # per worker
     augment: Literal["none", "flip", "crop_flip"] = "none"
     crop_padding: int = Field(4, ge=0)
+    # Which train samples an epoch visits (rwray.train.sampling): every one once (uniform), or exact class quotas
+    # with p_c ∝ 1 (class_balanced), ∝ sqrt(n_c) (sqrt), or moving from n_c to 1 over the epochs (progressive).
+    sampler: Sampler = "uniform"
 
 
 class TrainConfig(Section):

@@ -379,7 +379,8 @@ def epoch_rows(parts, seed, epoch, rank, world):
     from rwray.train.batches import canonical_rows, epoch_order
 
     rows = canonical_rows(parts)
-    mine = epoch_order(len(rows["index"]), seed, epoch, rank, world)
+    labels = rows["label"].long() if "label" in rows else torch.zeros(len(rows["index"]), dtype=torch.long)
+    mine = epoch_order(labels, seed, epoch, rank, world)
     return {k: v[mine] for k, v in rows.items()}
 
 

@@ -154,6 +154,23 @@ def test_with_a_weight_ema_the_run_is_scored_on_the_ema(tmp_path, digits_dir, ra
     assert res.metrics["test/top1"] != pytest.approx(test_top1(state["model"]), abs=1e-9)
 
 
+def test_a_class_balanced_run_trains_on_exact_class_quotas_over_two_workers(tmp_path, digits_dir, ray_local):
+    """data.sampler: the realised class mix of every epoch, counted from the rows each worker trained on and
+    all-reduced, is the sampler's quota of the epoch (the split's size, cut to a multiple of 2 workers)."""
+    import torch
+
+    from rwray.data import Manifest
+    from rwray.train.sampling import class_probabilities, class_quotas
+
+    res = run(job(tmp_path, digits_dir, data={"sampler": "class_balanced"}, train={"epochs": 1}))
+    m = Manifest.load(digits_dir)
+    counts = torch.tensor(m.class_counts("train"))
+    quota = class_quotas(class_probabilities(counts, "class_balanced"), (int(counts.sum()) // 2) * 2)
+    got = [res.metrics[f"train/class_samples/{c}"] for c in range(len(counts))]
+    assert got == [float(q) for q in quota] and len(set(got)) <= 2  # equal up to the remainder
+    assert res.metrics["train/samples"] == float(quota.sum())
+
+
 def test_large_splits_stream_from_ray_data_and_train_the_same_run(tmp_path, digits_dir, ray_local, monkeypatch):
     """A split above SMALL_SPLIT_BYTES is a Ray Dataset each worker streams (get_dataset_shard); a small one one
     object-store table. Same rows in the same (seed, epoch) order: the same run, to the last bit of the loss."""

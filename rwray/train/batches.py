@@ -10,6 +10,7 @@ import torch
 
 from rwray.data.augment import augment, decode, normalize
 from rwray.datainfo import DataInfo
+from rwray.train.sampling import Sampler, epoch_positions
 
 CORE_COLUMNS = ("image", "label", "index")
 
@@ -78,17 +79,25 @@ def canonical_rows(parts: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.
     return {k: v[canonical] for k, v in rows.items()}
 
 
-def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> torch.Tensor:
+def epoch_order(labels: torch.Tensor, seed: int, epoch: int, rank: int, world: int, sampler: Sampler = "uniform",
+                epochs: int = 1, num_classes: int | None = None) -> torch.Tensor:
     """This worker's positions in the canonical rows for one epoch, in training order: [n // world] int64.
 
-    A permutation seeded with (seed, epoch), cut to a multiple of ``world`` and dealt round-robin: rank r takes
-    positions r, r+world, ... So global step s trains on permutation positions [s*B*world, (s+1)*B*world) whatever
-    the worker count, each rank takes the same number of steps (DDP needs that), and a restarted epoch sees exactly
+    The epoch's list of positions (`sampling.epoch_positions`: a permutation for ``uniform``, class quotas for
+    the other samplers) seeded with (seed, epoch), cut to a multiple of ``world`` and dealt round-robin: rank r
+    takes entries r, r+world, ... So global step s trains on entries [s*B*world, (s+1)*B*world) whatever the
+    worker count, each rank takes the same number of steps (DDP needs that), and a restarted epoch sees exactly
     the rows, order and split it saw before.
     """
+    return global_order(labels, seed, epoch, world, sampler, epochs, num_classes)[rank::world]
+
+
+def global_order(labels: torch.Tensor, seed: int, epoch: int, world: int, sampler: Sampler = "uniform",
+                 epochs: int = 1, num_classes: int | None = None) -> torch.Tensor:
+    """Every worker's positions of one epoch, before dealing: [(n // world) * world] int64."""
     g = torch.Generator().manual_seed(_order_seed(seed, epoch))
-    perm = torch.randperm(n, generator=g)  # [n]
-    return perm[rank:(n // world) * world:world]
+    k = num_classes if num_classes is not None else int(labels.max()) + 1 if len(labels) else 0
+    return epoch_positions(labels, k, sampler, g, epoch, epochs, total=(len(labels) // world) * world)
 
 
 class TrainRows:
@@ -104,13 +113,13 @@ class TrainRows:
         self._stream = stream
         self._rows: dict[str, torch.Tensor] | None = None
 
-    def batches(self, seed: int, epoch: int, rank: int, world: int, batch_size: int
-                ) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, seed: int, epoch: int, rank: int, world: int, batch_size: int, sampler: Sampler = "uniform",
+                epochs: int = 1, num_classes: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
         if self._rows is None:
             self._rows = canonical_rows(self._stream())
         if not self._rows:
             return
-        mine = epoch_order(len(self._rows["index"]), seed, epoch, rank, world)
+        mine = epoch_order(self._rows["label"].long(), seed, epoch, rank, world, sampler, epochs, num_classes)
         for i in range(0, len(mine), batch_size):
             j = mine[i:i + batch_size]
             yield {k: v[j] for k, v in self._rows.items()}

@@ -1,7 +1,7 @@
 """The training loop every Ray Train worker runs, top to bottom. It knows no method by name.
 
-Ray appears in six visible places: get_context, get (a small split's table), get_dataset_shard (a large split's
-stream), prepare_model, get_checkpoint, report.
+Ray appears in four visible places: get_context, prepare_model, get_checkpoint, report (and, for the input,
+get / get_dataset_shard in `rwray.train.inputs`).
 The epoch and evaluation bodies (`rwray.train.epoch`) are plain torch functions over iterables of batches, so
 benchmarks run the same code in a plain process.
 
@@ -14,12 +14,11 @@ are logged once, after its checkpoint is reported; a restart skips what the rest
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -33,6 +32,7 @@ from rwray.metrics import (
     BEST_EPOCH,
     EPOCH_S,
     SAMPLES_PER_S,
+    TRAIN_CLASS_SAMPLES,
     TRAIN_LR,
     TRAIN_SAMPLES,
     best_key,
@@ -45,12 +45,10 @@ from rwray.models import MODELS
 from rwray.optim import build_optimizer, build_scheduler
 from rwray.tracking import BufferedRunLogger
 from rwray.train import checkpoint
-from rwray.train.batches import Batch, EvalRows, Images, TrainRows, arrow_rows, epoch_seed
+from rwray.train.batches import epoch_seed
 from rwray.train.epoch import evaluate, train_epoch, weight_ema
 from rwray.train.progress import EpochTicker, progress_line, status_writer
-from rwray.train.rayenv import quiet_data
-
-EVAL_KEEP_BYTES = 1 << 30
+from rwray.train.inputs import Data
 
 def train_loop_per_worker(job: dict[str, Any]) -> None:
     import ray.train
@@ -60,7 +58,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     restore(w, ray.train.get_checkpoint())
     log = open_log(job, w)
     status = status_writer(job.get("status_dir"), w.rank, w.start_epoch)
-    data = Data(w, job.get("tables", {}))
+    data = Data(w.cfg, w.manifest, w.device, w.rank, w.world, job.get("tables", {}))
     for epoch in range(w.start_epoch, w.cfg.train.epochs):
         metrics, improved = run_epoch(w, data, epoch, status)
         report_epoch(w, epoch, metrics, improved, log)
@@ -161,50 +159,6 @@ def log_epochs(w: Worker, log: BufferedRunLogger) -> None:
             w.logged = e
 
 
-# -------------------------------------------------------------------------------------------------------- the data
-
-
-class Data:
-    """This worker's batches: its rows of the train split's (seed, epoch) order, and its share of an eval split."""
-
-    def __init__(self, w: Worker, tables: dict[str, Any]):
-        self.w = w
-        self.images = Images(w.info, w.manifest.mean, w.manifest.std, w.device)
-        self.num_bias = w.info.num_classes if "bias" in w.info.extra_columns else None  # bias values index classes
-        self.gen = torch.Generator(device=w.device)
-        self.train_rows = TrainRows(self._stream("train", tables, batch=4096, prefetch_batches=2))
-        # An eval split this worker's share of which fits in EVAL_KEEP_BYTES is read once and kept (its images as
-        # stored: uint8, C*H*W bytes a row); a larger one is streamed from Ray Data at every evaluation.
-        row_bytes = math.prod(w.info.image_shape)
-        self.eval_rows = {}
-        for split in w.manifest.eval_splits:
-            keep = split in tables or w.manifest.num_samples(split) * row_bytes / w.world <= EVAL_KEEP_BYTES
-            batch = 4096 if keep else w.cfg.data.eval_batch_size
-            self.eval_rows[split] = EvalRows(self._stream(split, tables, batch), w.rank, w.world, keep)
-
-    @staticmethod
-    def _stream(split: str, tables: dict[str, Any], batch: int, **kw
-                ) -> Callable[[], Iterable[dict[str, torch.Tensor]]]:
-        """A small split is one table in Ray's object store (`rayenv.data_sources`); a large one a Ray Data shard."""
-        import ray
-        import ray.train
-
-        if split in tables:
-            return lambda: [arrow_rows(ray.get(tables[split]))]
-        quiet_data()
-        return lambda: ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=batch, **kw)
-
-    def train(self, epoch: int) -> Iterator[Batch]:
-        cfg, w = self.w.cfg, self.w
-        self.gen.manual_seed(epoch_seed(cfg.train.seed, w.rank, epoch))
-        for rows in self.train_rows.batches(cfg.train.seed, epoch, w.rank, w.world, cfg.data.batch_size):
-            yield self.images(rows, cfg.data.augment, cfg.data.crop_padding, self.gen)
-
-    def eval(self, split: str) -> Iterator[Batch]:
-        for rows in self.eval_rows[split].batches(self.w.cfg.data.eval_batch_size):
-            yield self.images(rows)
-
-
 # ------------------------------------------------------------------------------------------------------- one epoch
 
 
@@ -227,6 +181,9 @@ def run_epoch(w: Worker, data: Data, epoch: int, status: Callable[[int, int], No
     metrics = train_epoch(w.model, w.method, w.opt, data.train(epoch), epoch, cfg.train.grad_accum, cfg.train.amp,
                           on_step=on_step, clip_grad_norm=cfg.train.clip_grad_norm, ema=w.ema)
     metrics[TRAIN_LR] = w.opt.param_groups[0]["lr"]
+    if cfg.data.sampler != "uniform":  # the class mix the sampler realised, over all workers
+        counts = dist.all_reduce_sum(data.class_samples.to(w.device)).tolist()
+        metrics.update({f"{TRAIN_CLASS_SAMPLES}{c}": float(n) for c, n in enumerate(counts)})
     w.sched.step()
     metrics.update(w.method.end_epoch(epoch))
     cms = {}
