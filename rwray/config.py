@@ -55,7 +55,14 @@ class TrainConfig(Section):
     # Keep an exponential moving average of the weights (θ_ema ← d·θ_ema + (1 − d)·θ after each update; BatchNorm
     # statistics too) and evaluate, select and report it instead of the raw weights; None: off.
     ema_decay: float | None = Field(None, gt=0, lt=1)
-    amp: Literal["auto", "bf16", "none"] = "auto"  # auto: bf16 autocast on GPU, none on CPU
+    # Model weights and input batches in channels_last memory layout (faster convolutions on recent GPUs).
+    channels_last: bool = False
+    # Run the model under torch.compile with this backend (inductor: generated kernels; CPU needs a C++ compiler).
+    # Checked on every worker before the first step: where it cannot run, the run stops with the reason.
+    compile: bool = False
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    # auto: bf16 autocast on GPU, none on CPU; fp16: float16 autocast with a dynamic loss scale (GradScaler)
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     select_metric: SelectMetric = "val/balanced_acc"
     # Ray Train restarts a worker group that lost a worker this many times, from the last checkpoint (0: never).
     max_failures: int = Field(3, ge=0, le=1000)

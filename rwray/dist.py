@@ -84,5 +84,12 @@ def barrier() -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The bare module inside a DDP wrapper (its state_dict keys carry no 'module.' prefix); itself otherwise."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The bare module inside a torch.compile and / or DDP wrapper (its state_dict keys carry no '_orig_mod.' or
+    'module.' prefix); itself otherwise."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+            model = model._orig_mod
+        else:
+            return model

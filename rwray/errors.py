@@ -69,6 +69,11 @@ class ResourceError(RwrayError, RuntimeError):
     message shows what was asked, what the nodes have, and the scaling.* values that would fit."""
 
 
+class CompileUnavailable(RwrayError, RuntimeError):
+    """train.compile asked for torch.compile where it cannot run (no C++ compiler for CPU code, an unsupported
+    method, a backend that fails on this machine)."""
+
+
 class ClusterUnreachable(RwrayError, ConnectionError):
     """RAY_ADDRESS names a cluster nobody answers at (ray.init would retry it for minutes)."""
 

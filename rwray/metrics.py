@@ -29,6 +29,7 @@ TRAIN_MEAN_WEIGHT = "train/mean_weight"
 TRAIN_LR = "train/lr"
 TRAIN_GRAD_NORM = "train/grad_norm"  # with train.clip_grad_norm: mean global gradient norm before clipping
 TRAIN_CLIPPED = "train/clipped_frac"  # ... and the fraction of the epoch's updates it clipped
+TRAIN_SKIPPED = "train/skipped_frac"  # train.amp=fp16: the fraction of updates skipped for overflowing gradients
 TRAIN_CLASS_SAMPLES = "train/class_samples/"  # + class id: the epoch's samples of that class (data.sampler)
 SAMPLES_PER_S = "train/samples_per_s"
 EPOCH_S = "time/epoch_s"

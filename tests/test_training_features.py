@@ -1,5 +1,5 @@
-"""Training features the loop offers every method: gradient clipping and label smoothing, against torch's own
-semantics written out step by step."""
+"""Training features the loop offers every method: gradient clipping, label smoothing, a weight EMA, fp16 with a
+loss scale, channels_last and torch.compile, each against torch's own semantics written out step by step."""
 
 from __future__ import annotations
 
@@ -136,3 +136,105 @@ def test_the_weight_ema_is_the_hand_computed_moving_average_of_every_update():
     for k in ("fc.weight", "fc.bias", "norm.running_mean", "norm.running_var"):
         torch.testing.assert_close(got[k].float(), want[k], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(got["fc.weight"], model.fc.weight)  # an average, not the last weights
+
+
+def test_fp16_skips_the_updates_whose_scaled_gradients_overflow_and_halves_the_scale():
+    """train.amp=fp16: gradients are taken of loss x scale in float16; a step whose gradients overflowed is
+    skipped (weights and EMA untouched) and the scale halved, until the scaled gradients fit."""
+    from rwray.metrics import TRAIN_SKIPPED
+    from rwray.train.epoch import weight_ema
+
+    torch.manual_seed(0)
+    model = Tiny()
+    ema = weight_ema(model, 0.5)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # 1e12 x a gradient of ~1 is inf in float16
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    m = train_epoch(model, METHODS.build(ERMParams(), INFO), opt, batches(2), epoch=0, amp="fp16", scaler=scaler,
+                    ema=ema)
+    assert m[TRAIN_SKIPPED] == 1.0 and scaler.get_scale() == 2.0**38  # both steps skipped, halved twice
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, start[k])
+    assert int(ema.n_averaged) == 0  # the average never moved
+    for _ in range(20):  # after enough halvings the scaled gradients fit and the updates happen
+        m = train_epoch(model, METHODS.build(ERMParams(), INFO), opt, batches(2), epoch=1, amp="fp16",
+                        scaler=scaler, ema=ema)
+        if m[TRAIN_SKIPPED] == 0.0:
+            break
+    assert 1.0 < scaler.get_scale() < 2.0**38
+    ema = weight_ema(model, 0.5)
+    m = train_epoch(model, METHODS.build(ERMParams(), INFO), opt, batches(2), epoch=2, amp="fp16", scaler=scaler,
+                    ema=ema)
+    assert m[TRAIN_SKIPPED] == 0.0 and int(ema.n_averaged) == 2
+    assert not torch.equal(model.fc.weight, start["fc.weight"])
+
+
+def test_fp16_without_overflow_takes_the_float32_step_up_to_float16_rounding():
+    torch.manual_seed(0)
+    half, full = Tiny(), Tiny()
+    full.load_state_dict(half.state_dict())
+    from rwray.metrics import TRAIN_SKIPPED
+
+    erm = METHODS.build(ERMParams(), INFO)
+    m = train_epoch(half, erm, torch.optim.SGD(half.parameters(), lr=0.1), batches(), 0, amp="fp16",
+                    scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    assert m[TRAIN_SKIPPED] == 0.0
+    train_epoch(full, erm, torch.optim.SGD(full.parameters(), lr=0.1), batches(), 0)
+    torch.testing.assert_close(half.fc.weight, full.fc.weight, rtol=2e-2, atol=2e-3)
+
+
+# ----- memory layout and torch.compile -----------------------------------------------------------------------------
+def small_cnn_and_batches():
+    from rwray.models import MODELS
+    from rwray.models.small_cnn import SmallCNNParams
+
+    info = DataInfo(3, (5, 5, 5), (3, 8, 8), 15)
+    g = torch.Generator().manual_seed(2)
+    data = [Batch(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g), torch.arange(4))
+            for _ in range(3)]
+    torch.manual_seed(0)
+    return MODELS.build(SmallCNNParams(width=8), info), info, data
+
+
+def test_channels_last_trains_the_same_model_and_batches_come_in_that_layout():
+    from rwray.train.batches import Images
+
+    model, info, data = small_cnn_and_batches()
+    ref, _, _ = small_cnn_and_batches()  # the same initial weights
+    model = model.to(memory_format=torch.channels_last)
+    last = [Batch(b.x.contiguous(memory_format=torch.channels_last), b.y, b.index) for b in data]
+    train_epoch(model, METHODS.build(ERMParams(), info), torch.optim.SGD(model.parameters(), lr=0.1), last, 0)
+    train_epoch(ref, METHODS.build(ERMParams(), info), torch.optim.SGD(ref.parameters(), lr=0.1), data, 0)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    rows = {"image": torch.randint(0, 255, (2, 3 * 8 * 8), dtype=torch.uint8), "label": torch.tensor([0, 1]),
+            "index": torch.tensor([5, 6])}
+    x = Images(info, [0.5] * 3, [0.25] * 3, torch.device("cpu"), channels_last=True)(rows).x
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.shape == (2, 3, 8, 8)
+
+
+def test_a_compiled_model_trains_as_the_eager_one_and_unwraps_to_the_module():
+    from rwray import dist
+    from rwray.train.compiling import compile_model
+
+    model, info, data = small_cnn_and_batches()
+    ref, _, _ = small_cnn_and_batches()
+    compiled = compile_model(model, "erm", True, "eager", torch.device("cpu"))  # dynamo capture, no codegen
+    assert compiled is not model and dist.unwrap(compiled) is model
+    assert set(dist.unwrap(compiled).state_dict()) == set(ref.state_dict())  # no '_orig_mod.' prefix
+    train_epoch(compiled, METHODS.build(ERMParams(), info), torch.optim.SGD(compiled.parameters(), lr=0.1), data, 0)
+    train_epoch(ref, METHODS.build(ERMParams(), info), torch.optim.SGD(ref.parameters(), lr=0.1), data, 0)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_where_it_cannot_run_is_one_message_naming_the_setting():
+    from rwray.errors import CompileUnavailable
+    from rwray.train.compiling import compile_model
+
+    with pytest.raises(CompileUnavailable, match="train.compile=false") as e:
+        compile_model(Tiny(), "erm", True, "no-such-backend", torch.device("cpu"))
+    assert "no-such-backend" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(CompileUnavailable, match="method 'batch_reweight'"):
+        compile_model(Tiny(), "batch_reweight", METHODS["batch_reweight"].build.supports_compile, "eager",
+                      torch.device("cpu"))

@@ -60,6 +60,10 @@ class Method:
     through `state_dict` / `load_state_dict`, so checkpoints carry it and a resumed run continues it.
     """
 
+    # Whether the loop may run the model under torch.compile (train.compile). Methods that hook into the model
+    # (per-sample gradient capture, auxiliary networks sharing its graph) say False until checked under compile.
+    supports_compile = True
+
     def __init__(self, params: Any, info: DataInfo):
         self.params = params
         self.info = info

@@ -176,6 +176,8 @@ def _same_gradient(kept: LayerGrads, losses: torch.Tensor, w: torch.Tensor, rtol
 
 
 class BatchReweight(Method):
+    supports_compile = False  # hooks into the model; not checked under torch.compile
+
     def __init__(self, params: BatchReweightParams, info: DataInfo):
         super().__init__(params, info)
         self.loss = LOSSES.build(params.loss, info)

@@ -138,6 +138,8 @@ class TwoNetMethod(Method):
 
     tag = "twonet"  # metric prefix
 
+    supports_compile = False  # hooks into the model; not checked under torch.compile
+
     def __init__(self, params: Any, info: DataInfo):
         super().__init__(params, info)
         self.g: nn.Module | None = None  # prepared (DDP under Ray)

@@ -26,16 +26,18 @@ class Batch:
 class Images:
     """Turns shard rows (a dict of tensors from Ray Data or any loader) into a `Batch` on the device."""
 
-    def __init__(self, info: DataInfo, mean: list[float], std: list[float], device: torch.device):
+    def __init__(self, info: DataInfo, mean: list[float], std: list[float], device: torch.device,
+                 channels_last: bool = False):
         self.shape = info.image_shape
         self.device = device
+        self.layout = torch.channels_last if channels_last else torch.contiguous_format
         self.mean = torch.tensor(mean, device=device)
         self.std = torch.tensor(std, device=device)
 
     def __call__(self, rows: dict[str, torch.Tensor], aug: str = "none", padding: int = 0,
                  generator: torch.Generator | None = None) -> Batch:
         x = decode(rows["image"].to(self.device, non_blocking=True), self.shape)
-        x = normalize(augment(x, aug, padding, generator), self.mean, self.std)
+        x = normalize(augment(x, aug, padding, generator), self.mean, self.std).contiguous(memory_format=self.layout)
         extras = {k: v.to(self.device) for k, v in rows.items() if k not in CORE_COLUMNS}
         return Batch(x, rows["label"].to(self.device).long(), rows["index"].to(self.device).long(), extras)
 

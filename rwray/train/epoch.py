@@ -23,6 +23,7 @@ from rwray.metrics import (
     TRAIN_LOSS,
     TRAIN_MEAN_WEIGHT,
     TRAIN_SAMPLES,
+    TRAIN_SKIPPED,
     bias_cell_counts,
     confusion_matrix,
 )
@@ -40,23 +41,42 @@ def _oom(field: str, size: int, where: str, grad_accum: int, err: BaseException)
 
 
 def autocast(device: torch.device, amp: str):
-    on = amp == "bf16" or (amp == "auto" and device.type == "cuda")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on)
+    """bf16 (or auto: bf16 on a GPU) and fp16 autocast; fp16 needs `grad_scaler` for its gradients."""
+    on = amp in ("bf16", "fp16") or (amp == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
+                          enabled=on)
+
+
+def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler | None:
+    """fp16's dynamic loss scale (torch.amp.GradScaler): gradients are computed on loss × scale so that small
+    ones do not underflow; a step whose scaled gradients overflowed is skipped and the scale halved."""
+    return torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
 
 def update(model: nn.Module, opt: torch.optim.Optimizer, clip_grad_norm: float | None,
-           ema: AveragedModel | None = None) -> torch.Tensor | None:
+           ema: AveragedModel | None = None, scaler: torch.amp.GradScaler | None = None
+           ) -> tuple[torch.Tensor | None, bool]:
     """One optimizer step, the gradients' global L2 norm clipped to ``clip_grad_norm`` first when set (DDP has
     already averaged them, so every worker clips the same gradient the same way), then the EMA of the weights
-    moved. -> the norm before clipping ([] on the device, no host sync), or None."""
+    moved. Under fp16 the gradients are unscaled first, and a step with non-finite gradients is skipped (no
+    update, no EMA move). -> (the norm before clipping, [] on the device, or None; whether the step was skipped)."""
     norm = None
+    if scaler is not None:
+        scaler.unscale_(opt)
     if clip_grad_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip_grad_norm)
-    opt.step()
+    skipped = False
+    if scaler is None:
+        opt.step()
+    else:
+        scale = scaler.get_scale()
+        scaler.step(opt)  # skips the step when the unscaled gradients hold inf/NaN
+        scaler.update()
+        skipped = scaler.get_scale() < scale  # the scale only shrinks after an overflow
     opt.zero_grad(set_to_none=True)
-    if ema is not None:
+    if ema is not None and not skipped:
         ema.update_parameters(dist.unwrap(model))
-    return norm
+    return norm, skipped
 
 
 def weight_ema(model: nn.Module, decay: float) -> AveragedModel:
@@ -69,15 +89,16 @@ def weight_ema(model: nn.Module, decay: float) -> AveragedModel:
 def train_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, batches: Iterable[Batch], epoch: int,
                 grad_accum: int = 1, amp: str = "none",
                 on_step: Callable[[int], None] | None = None, clip_grad_norm: float | None = None,
-                ema: AveragedModel | None = None) -> dict[str, float]:
+                ema: AveragedModel | None = None, scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One pass over this worker's batches. Returns epoch metrics (losses exact over workers; with clipping, the
-    mean gradient norm before clipping and the fraction of updates clipped).
+    mean gradient norm before clipping and the fraction of updates clipped; under fp16, the fraction of updates
+    skipped for overflow).
 
     Out of accelerator memory raises `BatchTooLarge` naming data.batch_size; ``on_step(step)`` runs after each
     step (progress reporting)."""
     model.train()
     device = next(model.parameters()).device
-    norms: list[torch.Tensor] = []  # [] each, on the device: read once, at the end
+    updates: list[tuple[torch.Tensor | None, bool]] = []  # (norm before clipping, skipped) per optimizer step
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = weight_sum = 0.0
     method_metrics: dict[str, float] = {}
@@ -95,10 +116,10 @@ def train_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, ba
                 bad = ~torch.isfinite(out.losses.detach()) | ~torch.isfinite(out.weights)
                 if bad.any():
                     raise NonFiniteLoss(epoch, step, b.index[bad].tolist())
-                loss = weighted_loss(out)
-                (loss / grad_accum).backward()
-            if last_micro and (norm := update(model, opt, clip_grad_norm, ema)) is not None:
-                norms.append(norm)
+                loss = weighted_loss(out) / grad_accum
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            if last_micro:
+                updates.append(update(model, opt, clip_grad_norm, ema, scaler))
         except OOM as e:
             raise _oom("data.batch_size", len(b.y), f"at epoch {epoch}, step {step}", grad_accum, e) from None
         loss_sum += out.losses.detach().double().sum()
@@ -108,17 +129,27 @@ def train_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, ba
             method_metrics[k] = method_metrics.get(k, 0.0) + float(v)
         if on_step is not None:
             on_step(step)
-    if (step + 1) % grad_accum != 0 and (norm := update(model, opt, clip_grad_norm, ema)) is not None:
-        norms.append(norm)  # a trailing partial accumulation still updates
+    if (step + 1) % grad_accum != 0:  # a trailing partial accumulation still updates
+        updates.append(update(model, opt, clip_grad_norm, ema, scaler))
     totals = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(seen, dtype=torch.float64, device=device)]))
     steps = max(step + 1, 1)
-    clipping = {}
-    if norms:  # the same on every worker (the gradients are)
-        n = torch.stack(norms).float()
-        clipping = {TRAIN_GRAD_NORM: float(n.mean()), TRAIN_CLIPPED: float((n > clip_grad_norm).float().mean())}
     return {TRAIN_LOSS: float(totals[0] / totals[1].clamp(min=1)), TRAIN_SAMPLES: float(totals[1]),
-            TRAIN_MEAN_WEIGHT: weight_sum / max(seen, 1), **clipping,
+            TRAIN_MEAN_WEIGHT: weight_sum / max(seen, 1), **update_metrics(updates, clip_grad_norm, scaler),
             **{k: v / steps for k, v in method_metrics.items()}}
+
+
+def update_metrics(updates: list[tuple[torch.Tensor | None, bool]], clip_grad_norm: float | None,
+                   scaler: torch.amp.GradScaler | None) -> dict[str, float]:
+    """Over the epoch's updates, the same on every worker (the gradients are): with clipping, the mean norm before
+    clipping and the fraction clipped; under fp16, the fraction skipped."""
+    out = {}
+    norms = [n for n, _ in updates if n is not None]
+    if norms:
+        n = torch.stack(norms).float()  # one host read for the epoch
+        out.update({TRAIN_GRAD_NORM: float(n.mean()), TRAIN_CLIPPED: float((n > clip_grad_norm).float().mean())})
+    if scaler is not None and updates:
+        out[TRAIN_SKIPPED] = sum(skipped for _, skipped in updates) / len(updates)
+    return out
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ class Data:
                  tables: dict[str, Any]):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.info = info = manifest.data_info()
-        self.images = Images(info, manifest.mean, manifest.std, device)
+        self.images = Images(info, manifest.mean, manifest.std, device, cfg.train.channels_last)
         self.num_bias = info.num_classes if "bias" in info.extra_columns else None  # bias values index classes
         self.gen = torch.Generator(device=device)
         self.class_samples = torch.zeros(info.num_classes, dtype=torch.int64)  # [C] this rank's, this epoch

@@ -46,7 +46,8 @@ from rwray.optim import build_optimizer, build_scheduler
 from rwray.tracking import BufferedRunLogger
 from rwray.train import checkpoint
 from rwray.train.batches import epoch_seed
-from rwray.train.epoch import evaluate, train_epoch, weight_ema
+from rwray.train.compiling import compile_model
+from rwray.train.epoch import evaluate, grad_scaler, train_epoch, weight_ema
 from rwray.train.progress import EpochTicker, progress_line, status_writer
 from rwray.train.inputs import Data
 
@@ -85,6 +86,7 @@ class Worker:
     opt: torch.optim.Optimizer
     sched: Any
     ema: nn.Module | None = None  # train.ema_decay: the weights' moving average, evaluated and selected on
+    scaler: torch.amp.GradScaler | None = None  # train.amp=fp16: the loss scale, carried from epoch to epoch
     start_epoch: int = 0
     best: dict[str, Any] = field(default_factory=lambda: {"score": float("-inf"), "epoch": -1, "cms": {}})
     history: dict[int, dict[str, Any]] = field(default_factory=dict)  # epoch -> {"ts": ms, "metrics": {...}}
@@ -101,20 +103,26 @@ def build(cfg: Config) -> Worker:
     manifest = Manifest.load(cfg.data.dir)
     info = manifest.data_info()
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    model = ray.train.torch.prepare_model(MODELS.build(cfg.model, info))
+    model = MODELS.build(cfg.model, info)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
     method: Method = METHODS.build(cfg.method, info)
     method.attach(model, ray.train.torch.prepare_model, device)
+    if cfg.train.compile:
+        model = compile_model(model, cfg.method.name, method.supports_compile, cfg.train.compile_backend, device)
     opt = build_optimizer(cfg.optim, model.parameters())
     sched = build_scheduler(cfg.schedule, opt, cfg.train.epochs)
     ema = weight_ema(model, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
     return Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, manifest, info, model, method, opt, sched,
-                  ema)
+                  ema, grad_scaler(device, cfg.train.amp))
 
 
 def checkpoint_state(w: Worker, epoch: int) -> dict[str, Any]:
     return {"model": dist.unwrap(w.model).state_dict(), "optimizer": w.opt.state_dict(),
             "scheduler": w.sched.state_dict(), "method": w.method.state_dict(), "epoch": epoch, "best": w.best,
-            "history": w.history, **({"ema": w.ema.state_dict()} if w.ema is not None else {})}
+            "history": w.history, **({"ema": w.ema.state_dict()} if w.ema is not None else {}),
+            **({"scaler": w.scaler.state_dict()} if w.scaler is not None else {})}
 
 
 def restore(w: Worker, same_run) -> None:
@@ -134,6 +142,8 @@ def restore(w: Worker, same_run) -> None:
     w.method.load_state_dict(state["method"])
     if w.ema is not None and "ema" in state:  # else the average starts again, from the restored weights
         w.ema.load_state_dict(state["ema"])
+    if w.scaler is not None and "scaler" in state:
+        w.scaler.load_state_dict(state["scaler"])
     w.start_epoch, w.best = state["epoch"] + 1, state["best"]
     if same_run is not None:
         w.history = {int(e): h for e, h in state.get("history", {}).items()}
@@ -179,7 +189,7 @@ def run_epoch(w: Worker, data: Data, epoch: int, status: Callable[[int, int], No
             say(w, line)
 
     metrics = train_epoch(w.model, w.method, w.opt, data.train(epoch), epoch, cfg.train.grad_accum, cfg.train.amp,
-                          on_step=on_step, clip_grad_norm=cfg.train.clip_grad_norm, ema=w.ema)
+                          on_step=on_step, clip_grad_norm=cfg.train.clip_grad_norm, ema=w.ema, scaler=w.scaler)
     metrics[TRAIN_LR] = w.opt.param_groups[0]["lr"]
     if cfg.data.sampler != "uniform":  # the class mix the sampler realised, over all workers
         counts = dist.all_reduce_sum(data.class_samples.to(w.device)).tolist()
