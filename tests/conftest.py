@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from rwray import config as C
@@ -91,6 +92,19 @@ def ray_local():
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+class TinyNet(torch.nn.Module):
+    """A linear classifier over flattened 1x2x2 inputs (3 classes) with the models' forward signature: loop tests
+    without a real network."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x, return_features=False):
+        feats = x.flatten(1)
+        return (self.fc(feats), feats) if return_features else self.fc(feats)
 
 
 def job(tmp_path: Path, data_dir: Path, **sections) -> C.Config:

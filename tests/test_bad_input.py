@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port, job
+from conftest import TinyNet, free_port, job
 from rwray.errors import DataError, NonFiniteLoss, ResourceError, TrackingError
 from rwray.datainfo import DataInfo
 from rwray.methods import METHODS
@@ -111,17 +111,7 @@ def test_unreachable_ray_cluster_fails_in_seconds_and_writes_nothing(tmp_path, d
 def test_non_finite_loss_names_step_and_samples():
     """Without Ray: the loop stops at the first non-finite per-sample loss and names the offending indices."""
     torch.manual_seed(0)
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(4, 3)
-
-        def forward(self, x, return_features=False):
-            feats = x.flatten(1)
-            return (self.fc(feats), feats) if return_features else self.fc(feats)
-
-    model = Tiny()
+    model = TinyNet()
     info = DataInfo(3, (5, 5, 5), (1, 2, 2), 15)
     method = METHODS.build(ERMParams(), info)
     x = torch.randn(4, 1, 2, 2)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import TinyNet as Tiny
 
 from rwray.datainfo import DataInfo
 from rwray.losses import LOSSES
@@ -18,16 +19,6 @@ from rwray.train.batches import Batch
 from rwray.train.epoch import train_epoch
 
 INFO = DataInfo(3, (5, 5, 5), (1, 2, 2), 15)
-
-
-class Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(4, 3)
-
-    def forward(self, x, return_features=False):
-        feats = x.flatten(1)
-        return (self.fc(feats), feats) if return_features else self.fc(feats)
 
 
 def batches(n: int = 3) -> list[Batch]:
