@@ -51,6 +51,7 @@ from rwray.train.epoch import evaluate, grad_scaler, train_epoch, weight_ema
 from rwray.train.progress import EpochTicker, progress_line, status_writer
 from rwray.train.inputs import Data
 
+
 def train_loop_per_worker(job: dict[str, Any]) -> None:
     import ray.train
 
