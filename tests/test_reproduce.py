@@ -42,7 +42,7 @@ def test_report_renders_from_recorded_runs(tmp_path):
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     (tmp_path / "runs").mkdir()
     c = MlflowClient(uri)
-    exp = c.create_experiment("tbl")
+    exp = c.create_experiment("tbl", artifact_location=(tmp_path / "artifacts").as_uri())  # not ./mlruns
     parent = c.create_run(exp, tags={"rwray.table": "tbl"}).info.run_id
     for row, values in (("erm-row", [0.5, 0.6]), ("absgd-row", [0.7, 0.8])):
         for seed, v in enumerate(values):
@@ -65,7 +65,7 @@ def test_report_extra_columns(tmp_path):
     t.write_text(yaml.safe_dump(raw))
     (tmp_path / "runs").mkdir()
     c = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    exp = c.create_experiment("tbl")
+    exp = c.create_experiment("tbl", artifact_location=(tmp_path / "artifacts").as_uri())  # not ./mlruns
     parent = c.create_run(exp, tags={"rwray.table": "tbl"}).info.run_id
     for seed, (acc, unb, rhos) in enumerate([(0.9, 0.3, [0.1, 0.5]), (0.8, 0.5, [0.2, 0.7]), (0.1, 0.1, [0.9])]):
         r = c.create_run(exp, tags={"mlflow.parentRunId": parent, "rwray.table": "tbl", "rwray.row": "row"})
