@@ -26,7 +26,9 @@ from rwray.train.sampling import Sampler
 SourceConfig = union_of(SOURCES)
 
 # Model selection happens on these (validation split only: the test split is reported, never used to choose).
-SelectMetric = Literal["val/balanced_acc", "val/top1", "val/many_acc", "val/medium_acc", "val/few_acc"]
+# Worst-group selection: the worst class, or (data with a bias column) the worst / mean (class, bias) cell.
+SelectMetric = Literal["val/balanced_acc", "val/top1", "val/many_acc", "val/medium_acc", "val/few_acc",
+                       "val/worst_class_acc", "val/bias/worst_cell_acc", "val/bias/cell_mean_acc"]
 
 
 class Section(BaseModel):

@@ -33,6 +33,7 @@ TRAIN_SKIPPED = "train/skipped_frac"  # train.amp=fp16: the fraction of updates 
 TRAIN_CLASS_SAMPLES = "train/class_samples/"  # + class id: the epoch's samples of that class (data.sampler)
 SAMPLES_PER_S = "train/samples_per_s"
 EPOCH_S = "time/epoch_s"
+WORST_CLASS = "worst_class_acc"  # per split: the lowest accuracy of a class present in it
 BEST_EPOCH = "best/epoch"  # the epoch chosen on validation (train.select_metric)
 SUMMARY_KEYS = ("top1", "balanced_acc", "many_acc", "medium_acc", "few_acc")  # what `summarize` returns, in order
 
@@ -163,6 +164,8 @@ def split_metrics(split: str, cm: torch.Tensor, cells: torch.Tensor | None,
     out = {split_key(split, k): v for k, v in summarize(cm, train_counts).items()}
     acc = per_class_accuracy(cm)  # [K]; NaN where the split has no sample of the class
     out.update({class_acc_key(split, c): float(a) for c, a in enumerate(acc) if not torch.isnan(a)})
+    if not torch.isnan(acc).all():
+        out[split_key(split, WORST_CLASS)] = float(acc[~torch.isnan(acc)].min())  # the worst group, groups = classes
     if cells is not None:
         out.update({bias_key(split, k): v for k, v in summarize_bias_cells(cells.cpu()).items()})
     return out

@@ -102,3 +102,19 @@ def test_two_workers_equal_one_worker(gloo):
         torch.testing.assert_close(torch.cat([r["w"][step] for r in ranks]), w)
     for r in ranks:
         torch.testing.assert_close(r["q"], q)
+
+
+def test_a_job_whose_data_lacks_what_it_asks_fails_before_any_worker(tmp_path, digits_dir):
+    """Checked on the driver against the manifest (rwray.train.preflight.check_fit): a group column the data does
+    not have, or selection on bias cells of data without a bias column."""
+    from conftest import job
+
+    from rwray.errors import ConfigError
+    from rwray.train.preflight import ensure_data
+
+    with pytest.raises(DataError, match="group column 'bias' is not in the data"):
+        ensure_data(job(tmp_path, digits_dir, method={"name": "group_dro", "group": "bias", "num_groups": 10}))
+    with pytest.raises(ConfigError, match="needs a 'bias' column"):
+        ensure_data(job(tmp_path, digits_dir, train={"select_metric": "val/bias/worst_cell_acc"}))
+    assert ensure_data(job(tmp_path, digits_dir, method={"name": "group_dro"},
+                           train={"select_metric": "val/worst_class_acc"})).num_samples("val") > 0

@@ -35,3 +35,13 @@ def test_summed_confusion_matrices_equal_global_one():
     y, p = torch.randint(0, 4, (100,), generator=g), torch.randint(0, 4, (100,), generator=g)
     parts = [confusion_matrix(p[i::3], y[i::3], 4) for i in range(3)]
     assert torch.equal(sum(parts), confusion_matrix(p, y, 4))
+
+
+def test_the_worst_class_is_the_lowest_accuracy_of_a_present_class():
+    from rwray.metrics import split_metrics
+
+    # rows = true class, cols = predicted: class 0 3/4, class 1 1/2, class 2 absent from the split
+    cm = torch.tensor([[3, 1, 0], [1, 1, 0], [0, 0, 0]])
+    m = split_metrics("val", cm, None, [10, 5, 1])
+    assert m["val/worst_class_acc"] == 0.5
+    assert "val/worst_class_acc" not in split_metrics("val", torch.zeros(3, 3, dtype=torch.long), None, [1, 1, 1])

@@ -62,4 +62,18 @@ def ensure_data(cfg: Config) -> Manifest:
     if manifest.num_samples("val") == 0:
         raise DataError(f"{d} has no validation split, and models are selected on validation only: prepare it "
                         f"with --val-per-class > 0 (data.builder.val_per_class)")
+    check_fit(cfg, manifest)
     return manifest
+
+
+def check_fit(cfg: Config, manifest: Manifest) -> None:
+    """What the job asks of its data, before any worker starts: a selection metric the data can produce, and the
+    method built once against the data's info (a group column it does not have is found here, not on a worker)."""
+    from rwray.methods import METHODS
+
+    info = manifest.data_info()
+    if cfg.train.select_metric.startswith("val/bias/") and "bias" not in info.extra_columns:
+        raise ConfigError([f"train.select_metric: {cfg.train.select_metric} needs a 'bias' column in the data, and "
+                           f"{cfg.data.dir} has {', '.join(info.extra_columns) or 'no extra columns'}; choose "
+                           f"val/worst_class_acc or val/balanced_acc"])
+    METHODS.build(cfg.method, info)
