@@ -146,8 +146,10 @@ driver dies, even by SIGKILL. A driver killed before it could mark the run (SIGK
 to SIGKILL after its grace period) leaves the run RUNNING; that is resumable too.
 
 **Deterministic resume.** The order of an epoch's training data is a function of (seed, epoch) only: every worker
-streams the materialized train split from Ray Data, puts rows in a canonical order by their stable `index`, permutes
-them with a generator seeded by (seed, epoch), and takes every world-th row from its rank on. Augmentation and
+reads the whole train split once (one object-store table when it is small, a stream of the materialized Ray
+Dataset when it is not), puts rows in a canonical order by their stable `index`, draws the epoch's list with a
+generator seeded by (seed, epoch) (a permutation, or `data.sampler`'s exact class quotas), and takes every
+world-th entry from its rank on. Augmentation and
 dropout are seeded by (seed, rank, epoch). So an epoch re-run after a restart sees the same rows in the same order on
 the same rank, and a resumed run ends with the same weights as an uninterrupted one (the tests compare them on CPU,
 2 workers). Costs and limits: each worker reads the whole train split per epoch (N rows instead of N/world, from

@@ -463,6 +463,12 @@ ROWS = [
         data(_symlink_out), DataError, ("lists files outside itself", "a symlink to", "Fix: copy the real files")),
     Row("manifest-dotdot-entry", "data", "manifest lists ../train-00000.parquet", data(_dotdot_entry), DataError,
         ("lists files outside itself", "../train-00000.parquet", "Fix:")),
+    Row("group-column-missing", "data", "method group_dro grouped by a 'bias' column the data does not have",
+        train(method__name="group_dro", method__group="bias", method__num_groups=10), DataError,
+        ("group column 'bias' is not in the data", "its extra columns: none")),
+    Row("select-metric-needs-bias", "data", "train.select_metric: val/bias/worst_cell_acc on data without bias",
+        train(train__select_metric="val/bias/worst_cell_acc"), C.ConfigError,
+        ("needs a 'bias' column in the data", "choose val/worst_class_acc")),
     # runtime: the loop's own handlers, exercised without Ray or a GPU
     Row("nan-loss", "runtime", "a model producing NaN logits for sample 31", runtime_train("nan"), NonFiniteLoss,
         ("non-finite loss at epoch 2, step 0, for sample index [31]", "lower optim.lr")),

@@ -22,6 +22,8 @@ EXAMPLES = {  # one instance of every user-facing error, as the code raises it
     errors.NotACheckpoint: errors.NotACheckpoint("ckpt is not an rwray checkpoint (no state.pt)"),
     errors.NonFiniteLoss: errors.NonFiniteLoss(2, 5, [11, 12]),
     errors.BatchTooLarge: errors.BatchTooLarge("data.batch_size", 512, "at epoch 0, step 3"),
+    errors.CompileUnavailable: errors.CompileUnavailable("train.compile: torch.compile with backend 'inductor' cannot "
+                                                         "run on this worker (cpu). Set train.compile=false"),
     errors.ClusterUnreachable: errors.ClusterUnreachable("cannot reach the Ray cluster at RAY_ADDRESS=10.0.0.9:6379"),
     errors.ResourceError: errors.ResourceError("cannot start: the run asks for 2 workers x {CPU: 1, GPU: 1}, and "
                                                "the cluster's nodes hold none of them."),
