@@ -47,6 +47,7 @@ from rwray.tracking import BufferedRunLogger
 from rwray.train import checkpoint
 from rwray.train.batches import epoch_seed
 from rwray.train.compiling import compile_model
+from rwray.train.decoupled import prepare_stage
 from rwray.train.epoch import evaluate, grad_scaler, train_epoch, weight_ema
 from rwray.train.progress import EpochTicker, progress_line, status_writer
 from rwray.train.inputs import Data
@@ -104,7 +105,8 @@ def build(cfg: Config) -> Worker:
     manifest = Manifest.load(cfg.data.dir)
     info = manifest.data_info()
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    model = MODELS.build(cfg.model, info)
+    model = prepare_stage(MODELS.build(cfg.model, info), cfg.train.init_from, cfg.train.trainable,
+                          cfg.train.reinit_classifier)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)

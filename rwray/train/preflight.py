@@ -21,6 +21,10 @@ def check_paths(cfg: Config) -> None:
         paths.require_inside(cfg.output_dir, cfg.resume, "resume",
                              f"Fix: resume from a checkpoint_* folder under {cfg.storage('ray')} (copy a checkpoint "
                              f"from elsewhere into output_dir first)")
+    if cfg.train.init_from is not None and not cfg.remote_output:
+        paths.require_inside(cfg.output_dir, cfg.train.init_from, "train.init_from",
+                             f"Fix: start from a checkpoint_* folder under {cfg.storage('ray')} (the first stage's "
+                             f"run, with the same output_dir)")
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -31,6 +35,8 @@ def resolve_paths(cfg: Config) -> Config:
     cfg.data.dir = Path(cfg.data.dir).expanduser().resolve()
     if cfg.resume is not None:
         cfg.resume = Path(cfg.resume).expanduser().resolve()
+    if cfg.train.init_from is not None:
+        cfg.train.init_from = Path(cfg.train.init_from).expanduser().resolve()
     if cfg.data.source is not None and getattr(cfg.data.source, "root", None) is not None:
         cfg.data.source.root = Path(cfg.data.source.root).expanduser().resolve()
     return cfg
@@ -77,3 +83,25 @@ def check_fit(cfg: Config, manifest: Manifest) -> None:
                            f"{cfg.data.dir} has {', '.join(info.extra_columns) or 'no extra columns'}; choose "
                            f"val/worst_class_acc or val/balanced_acc"])
     METHODS.build(cfg.method, info)
+    if cfg.train.init_from is not None or cfg.train.trainable != "all" or cfg.train.reinit_classifier:
+        check_stage(cfg, info)
+
+
+def check_stage(cfg: Config, info) -> None:
+    """A second stage's first-stage checkpoint is readable and holds this job's model (same architecture and
+    class count): the model is built here and the weights loaded, as every worker will."""
+    from rwray.models import MODELS
+    from rwray.train.decoupled import prepare_stage
+
+    state = None
+    if cfg.train.init_from is not None:
+        if not (cfg.train.init_from / checkpoint.STATE).is_file():
+            raise NotACheckpoint(f"train.init_from={cfg.train.init_from} is not an rwray checkpoint (no "
+                                 f"{checkpoint.STATE}); use a checkpoint_* folder of the first stage's run under "
+                                 f"{cfg.storage('ray')}")
+        try:
+            state = checkpoint.load(cfg.train.init_from)
+        except CheckpointError as e:
+            raise ConfigError([f"train.init_from: {e}"], "train.init_from") from None
+    prepare_stage(MODELS.build(cfg.model, info), cfg.train.init_from, cfg.train.trainable,
+                  cfg.train.reinit_classifier, state)

@@ -1,0 +1,92 @@
+"""Decoupled training's second stage: a frozen representation stays bit-for-bit the first stage's (weights and
+BatchNorm statistics) while the classifier trains; a checkpoint of another model is refused before any worker;
+a cRT run on Ray keeps the features and retrains the head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import job
+from rwray.datainfo import DataInfo
+from rwray.errors import ConfigError
+from rwray.methods import METHODS
+from rwray.methods.erm import ERMParams
+from rwray.models import MODELS
+from rwray.models.small_cnn import SmallCNNParams
+from rwray.train import checkpoint
+from rwray.train.batches import Batch
+from rwray.train.decoupled import freeze_features, prepare_stage
+from rwray.train.epoch import train_epoch
+
+INFO = DataInfo(3, (5, 5, 5), (1, 8, 8), 15)
+
+
+def batches() -> list[Batch]:
+    g = torch.Generator().manual_seed(3)
+    return [Batch(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g), torch.arange(8))
+            for _ in range(3)]
+
+
+@pytest.mark.parametrize("normed", [False, True])
+def test_a_frozen_representation_keeps_weights_and_batchnorm_statistics_and_the_head_trains(normed):
+    torch.manual_seed(0)
+    model = MODELS.build(SmallCNNParams(width=8, normed_head=normed), INFO)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    freeze_features(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9,
+                          weight_decay=1e-3)
+    train_epoch(model, METHODS.build(ERMParams(), INFO), opt, batches(), 0)
+    after = model.state_dict()
+    frozen = [k for k in before if not k.startswith("fc.")]
+    assert any("running_mean" in k for k in frozen)  # BatchNorm statistics are among what must not move
+    for k in frozen:
+        assert torch.equal(after[k], before[k]), k
+    assert not torch.equal(after["fc.weight"], before["fc.weight"])
+    assert model.training  # the loop's own flag is untouched; the frozen parts run in eval mode regardless
+
+
+def test_init_from_loads_the_first_stage_and_reinit_draws_a_new_head(tmp_path):
+    torch.manual_seed(0)
+    first = MODELS.build(SmallCNNParams(width=8), INFO)
+    state = {"model": first.state_dict()}
+    second = prepare_stage(MODELS.build(SmallCNNParams(width=8), INFO), tmp_path, "classifier", True, state)
+    for k, v in first.state_dict().items():
+        assert torch.equal(second.state_dict()[k], v) != k.startswith("fc.")  # all but the head equal
+    assert [n for n, p in second.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_any_worker(tmp_path, digits_dir):
+    from rwray.train.preflight import ensure_data, resolve_paths
+
+    cfg = job(tmp_path, digits_dir, model={"name": "small_cnn", "width": 16})
+    other = MODELS.build(SmallCNNParams(width=8), DataInfo(10, (1,) * 10, (1, 8, 8), 10))
+    folder = tmp_path / "runs" / "ray" / "first" / "checkpoint_0"
+    checkpoint.save(folder, {"model": other.state_dict()}, cfg.to_yaml())
+    second = resolve_paths(job(tmp_path, digits_dir, model={"name": "small_cnn", "width": 16},
+                               train={"init_from": str(folder), "trainable": "classifier"}))
+    with pytest.raises(ConfigError, match="holds another model than this job's") as e:
+        ensure_data(second)
+    assert "size mismatch" in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_crt_on_ray_keeps_the_first_stage_features_and_retrains_the_head(tmp_path, digits_dir, ray_local):
+    """Stage 1: ERM. Stage 2 (cRT): init_from stage 1's last checkpoint, classifier only, re-initialised,
+    class-balanced batches, 2 workers. The features of stage 2's checkpoint are stage 1's, bit for bit."""
+    from rwray.train.launch import run
+
+    first = run(job(tmp_path, digits_dir, name="stage1", train={"epochs": 2}))
+    second = run(job(tmp_path, digits_dir, name="stage2", data={"sampler": "class_balanced"},
+                     train={"epochs": 2, "init_from": first.checkpoint_path, "trainable": "classifier",
+                            "reinit_classifier": True}))
+    a, b = checkpoint.load(first.checkpoint_path)["model"], checkpoint.load(second.checkpoint_path)["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]) != k.startswith("fc."), k
+    assert 0 <= second.metrics["val/balanced_acc"] <= 1
+
+
+def test_a_second_stage_without_a_first_is_refused():
+    from rwray import config as C
+
+    with pytest.raises(ConfigError, match="set train.init_from"):
+        C.validate({"name": "x", "data": {"dir": "d"}, "train": {"trainable": "classifier"}})
