@@ -65,17 +65,17 @@ class TrainConfig(Section):
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     # Decoupled training, second stage (Kang et al. 2020): start from the model weights of a first-stage checkpoint
     # (a checkpoint_* folder under output_dir; a new run, not a resume), train only the classifier (features
-    # frozen, BatchNorm statistics included) and/or re-initialise it. cRT = classifier + reinit_classifier +
-    # data.sampler=class_balanced.
+    # frozen, BatchNorm statistics included) or only a per-class scale of its logits (LWS), and/or re-initialise
+    # it. cRT = classifier + reinit_classifier + data.sampler=class_balanced; LWS = scales + class_balanced.
     init_from: Path | None = None
-    trainable: Literal["all", "classifier"] = "all"
+    trainable: Literal["all", "classifier", "scales"] = "all"  # scales: LWS, the classifier frozen too
     reinit_classifier: bool = False
 
     @model_validator(mode="after")
     def _second_stage_needs_a_first(self) -> "TrainConfig":
         if self.init_from is None and (self.trainable != "all" or self.reinit_classifier):
-            raise ValueError("trainable=classifier / reinit_classifier make a second stage: set train.init_from to "
-                             "a checkpoint_* folder of the first stage's run")
+            raise ValueError("trainable=classifier|scales / reinit_classifier make a second stage: set "
+                             "train.init_from to a checkpoint_* folder of the first stage's run")
         return self
     # auto: bf16 autocast on GPU, none on CPU; fp16: float16 autocast with a dynamic loss scale (GradScaler)
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"

@@ -50,7 +50,7 @@ def test_init_from_loads_the_first_stage_and_reinit_draws_a_new_head(tmp_path):
     torch.manual_seed(0)
     first = MODELS.build(SmallCNNParams(width=8), INFO)
     state = {"model": first.state_dict()}
-    second = prepare_stage(MODELS.build(SmallCNNParams(width=8), INFO), tmp_path, "classifier", True, state)
+    second = prepare_stage(MODELS.build(SmallCNNParams(width=8), INFO), 3, tmp_path, "classifier", True, state)
     for k, v in first.state_dict().items():
         assert torch.equal(second.state_dict()[k], v) != k.startswith("fc.")  # all but the head equal
     assert [n for n, p in second.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
@@ -90,3 +90,25 @@ def test_a_second_stage_without_a_first_is_refused():
 
     with pytest.raises(ConfigError, match="set train.init_from"):
         C.validate({"name": "x", "data": {"dir": "d"}, "train": {"trainable": "classifier"}})
+
+
+@pytest.mark.parametrize("normed", [False, True])
+def test_lws_learns_only_per_class_scales_starting_from_the_first_stage_logits(normed, tmp_path):
+    torch.manual_seed(0)
+    first = MODELS.build(SmallCNNParams(width=8, normed_head=normed), INFO)
+    first.eval()
+    x = batches()[0].x
+    with torch.no_grad():
+        want = first(x)
+    lws = prepare_stage(MODELS.build(SmallCNNParams(width=8, normed_head=normed), INFO), 3, tmp_path, "scales",
+                        False, {"model": first.state_dict()})
+    lws.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lws(x), want)  # scales start at 1: the first stage's classifier exactly
+    assert [n for n, p in lws.named_parameters() if p.requires_grad] == ["fc.scale"]
+    before = {k: v.clone() for k, v in lws.state_dict().items()}
+    lws.train()
+    opt = torch.optim.SGD([p for p in lws.parameters() if p.requires_grad], lr=0.5)
+    train_epoch(lws, METHODS.build(ERMParams(), INFO), opt, batches(), 0)
+    for k, v in lws.state_dict().items():
+        assert torch.equal(v, before[k]) == (k != "fc.scale"), k

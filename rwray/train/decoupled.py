@@ -1,6 +1,6 @@
 """Decoupled training's second stage (Kang et al., "Decoupling Representation and Classifier for Long-Tailed
 Recognition", ICLR 2020): the representation of a first-stage model is kept and only the classifier is trained
-again, usually re-initialised and on class-balanced batches (cRT).
+again, usually re-initialised and on class-balanced batches (cRT), or only rescaled per class (LWS).
 
 `prepare_stage` applies train.init_from / trainable / reinit_classifier to a freshly built model, before it is
 wrapped for data parallelism. Every model of the registry names its classifier ``fc``.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from rwray.errors import ConfigError
@@ -56,8 +57,21 @@ def _eval_mode(module: nn.Module, args) -> None:
     module.training = False
 
 
-def prepare_stage(model: nn.Module, init_from: Path | None, trainable: str, reinit_classifier: bool,
-                  state: dict | None = None) -> nn.Module:
+class ScaledHead(nn.Module):
+    """LWS (learnable weight scaling): the frozen classifier's logits times a learned per-class scale [K], from 1:
+    logits_k = s_k · (w_kᵀx + b_k), i.e. the classifier's weight vectors rescaled."""
+
+    def __init__(self, head: nn.Module, num_classes: int):
+        super().__init__()
+        self.head = head
+        self.scale = nn.Parameter(torch.ones(num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, D] -> [B, K]
+        return self.head(x) * self.scale
+
+
+def prepare_stage(model: nn.Module, num_classes: int, init_from: Path | None, trainable: str,
+                  reinit_classifier: bool, state: dict | None = None) -> nn.Module:
     """The job's second-stage settings applied to a freshly built model (``state``: the checkpoint, when the
     caller has read it already)."""
     if init_from is not None:
@@ -68,8 +82,13 @@ def prepare_stage(model: nn.Module, init_from: Path | None, trainable: str, rein
         for m in classifier_of(model).modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-    if trainable == "classifier":
+    if trainable in ("classifier", "scales"):
         freeze_features(model)
+    if trainable == "scales":
+        head = classifier_of(model)
+        for p in head.parameters():
+            p.requires_grad_(False)
+        model.fc = ScaledHead(head, num_classes)
     return model
 
 

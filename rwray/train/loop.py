@@ -105,8 +105,8 @@ def build(cfg: Config) -> Worker:
     manifest = Manifest.load(cfg.data.dir)
     info = manifest.data_info()
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    model = prepare_stage(MODELS.build(cfg.model, info), cfg.train.init_from, cfg.train.trainable,
-                          cfg.train.reinit_classifier)
+    model = prepare_stage(MODELS.build(cfg.model, info), info.num_classes, cfg.train.init_from,
+                          cfg.train.trainable, cfg.train.reinit_classifier)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)

@@ -103,5 +103,5 @@ def check_stage(cfg: Config, info) -> None:
             state = checkpoint.load(cfg.train.init_from)
         except CheckpointError as e:
             raise ConfigError([f"train.init_from: {e}"], "train.init_from") from None
-    prepare_stage(MODELS.build(cfg.model, info), cfg.train.init_from, cfg.train.trainable,
+    prepare_stage(MODELS.build(cfg.model, info), info.num_classes, cfg.train.init_from, cfg.train.trainable,
                   cfg.train.reinit_classifier, state)
