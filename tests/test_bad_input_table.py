@@ -340,6 +340,17 @@ def _unreachable_ray(ctx):
     return {}
 
 
+def _other_models_checkpoint(ctx):
+    """A first-stage checkpoint of another model (width 16, not the job's 8) under output_dir."""
+    from rwray.models import MODELS
+    from rwray.models.small_cnn import SmallCNNParams
+
+    folder = ctx.tmp / "runs" / "ray" / "stage1" / "checkpoint_0"
+    other = MODELS.build(SmallCNNParams(width=16), DataInfo(10, (1,) * 10, (1, 8, 8), 10))
+    checkpoint.save(folder, {"model": other.state_dict()}, "")
+    return {"train__init_from": str(folder), "train__trainable": "classifier"}
+
+
 def _remote_output(ctx):
     ctx.monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return {"output_dir": "s3://some-bucket/runs"}
@@ -466,6 +477,9 @@ ROWS = [
     Row("group-column-missing", "data", "method group_dro grouped by a 'bias' column the data does not have",
         train(method__name="group_dro", method__group="bias", method__num_groups=10), DataError,
         ("group column 'bias' is not in the data", "its extra columns: none")),
+    Row("second-stage-other-model", "data", "train.init_from: a checkpoint of a wider small_cnn",
+        train(_other_models_checkpoint), C.ConfigError,
+        ("holds another model than this job's", "size mismatch", "Fix: point it at a checkpoint of the same model")),
     Row("select-metric-needs-bias", "data", "train.select_metric: val/bias/worst_cell_acc on data without bias",
         train(train__select_metric="val/bias/worst_cell_acc"), C.ConfigError,
         ("needs a 'bias' column in the data", "choose val/worst_class_acc")),
