@@ -46,6 +46,8 @@ METHODS = {
     "absgd": ("ABSGD (CE)", "digits_absgd.yaml"),
     "ldam_drw": ("LDAM-DRW", "digits_ldam_drw.yaml"),
     "absgd_bs": ("ABSGD + Balanced Softmax", "digits_absgd_balanced_softmax.yaml"),
+    "cb_sampler": ("ERM, class-balanced sampling", "digits_class_balanced.yaml"),
+    "sqrt_sampler": ("ERM, square-root sampling", "digits_sqrt_sampler.yaml"),
 }
 TUNED = "absgd"  # λ tuned on val for this method ...
 SHARES_LAMBDA = "absgd_bs"  # ... and reused by this one
@@ -313,9 +315,12 @@ def section(res: dict, args: argparse.Namespace) -> str:
         "- Balanced Softmax: CE on logits + log n_c, prediction with the raw logits (τ = 1).",
         "- ABSGD: one stage, λ from epoch 0, γ = 0.9, α = 1; λ chosen per IF on validation (below).",
         f"- LDAM-DRW: cosine (normed) head, max margin 0.5, s = 30, class-balanced weights (β = 0.9999) from epoch "
-        f"{round(2 * meta.get('epochs', args.epochs) / 3)} of {meta.get('epochs', args.epochs)}.",
+        f"{round(2 * meta.get('epochs', args.epochs) / 3)} of {meta.get('epochs', args.epochs)}, the batch reduced "
+        "as the seeds' `F.cross_entropy(weight=w)` (Σ w·ℓ / Σ w).",
         "- ABSGD + Balanced Softmax: ABSGD weights computed on the Balanced Softmax loss, with the λ chosen for "
         "ABSGD + CE (not tuned separately).",
+        "- Class-balanced / square-root sampling: ERM (CE) on epochs that draw exact class quotas ∝ 1 / ∝ √n_c "
+        "(`data.sampler`), same epoch length.",
         "",
         f"**Code.** Every run imported one frozen copy of `rwray` (source hash "
         f"{', '.join(sorted({r.get('code') or '?' for r in res['runs'].values()}))}; git HEAD "
