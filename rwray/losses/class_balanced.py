@@ -83,8 +83,8 @@ class DeferredClassWeights:
 
 
 Reduction = Literal["weighted_mean", "mean"]
-REDUCTION_DOC = ("weighted_mean: sum w_y*loss / sum w_y over the global batch, as F.cross_entropy(weight=w) (the seeds'); "
-                 "mean: sum w_y*loss / B (what ABSGD's seed code weighs)")
+REDUCTION_DOC = ("weighted_mean: sum w_y*loss / sum w_y over the global batch, as F.cross_entropy(weight=w) "
+                 "(the seeds'); mean: sum w_y*loss / B (what ABSGD's seed code weighs)")
 
 
 class CBCEParams(Params):
@@ -109,7 +109,8 @@ def reduce_class_weighted(per_sample: torch.Tensor, targets: torch.Tensor, class
 
 def class_balanced_ce(logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None,
                       reduction: Reduction = "weighted_mean") -> torch.Tensor:
-    """[B, K], [B], [K] or None -> [B]: w_{y_i} · CE_i, over mean_global(w_y) under weighted_mean (float32 at least)."""
+    """[B, K], [B], [K] or None -> [B]: w_{y_i} · CE_i, over mean_global(w_y) under weighted_mean (float32 at
+    least)."""
     return reduce_class_weighted(cross_entropy(logits, targets), targets, class_weights, reduction)
 
 

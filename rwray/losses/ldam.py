@@ -9,8 +9,8 @@ softmax nearly one-hot; lower s (e.g. 1) in that case.
 
 DRW: with `drw_epoch` set, w = 1 before that epoch and the class-balanced weights (β = 0.9999) from it on
 (LDAM-DRW), reduced over the batch as cb_ce's ``reduction`` says (default: Σ w·ℓ / Σ w, the seeds'
-``F.cross_entropy(weight=...)``). With `drw_epoch=None` there is no re-weighting at all (plain LDAM) — unlike cb_ce, where None means
-"class-balanced from the start", because LDAM alone is a method of its own.
+``F.cross_entropy(weight=...)``). With `drw_epoch=None` there is no re-weighting at all (plain LDAM) — unlike
+cb_ce, where None means "class-balanced from the start", because LDAM alone is a method of its own.
 """
 
 from __future__ import annotations

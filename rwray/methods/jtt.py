@@ -74,11 +74,12 @@ class JTT(Method):
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         """At the end of the identification stage, every worker's errors become one error set (collective)."""
-        if epoch != self.params.identify_epochs - 1:
-            return {"jtt/error_set_size": float(self.error_set.numel())} if epoch >= self.params.identify_epochs else {}
-        mine = torch.cat(self._wrong) if self._wrong else torch.zeros(0, dtype=torch.int64, device=self._device)
-        self.error_set = torch.unique(dist.all_gather_cat(mine.to(self._device)))  # sorted, each id once
-        self._wrong = []
+        if epoch < self.params.identify_epochs - 1:
+            return {}
+        if epoch == self.params.identify_epochs - 1:
+            mine = torch.cat(self._wrong) if self._wrong else torch.zeros(0, dtype=torch.int64, device=self._device)
+            self.error_set = torch.unique(dist.all_gather_cat(mine))  # sorted, each id once
+            self._wrong = []
         return {"jtt/error_set_size": float(self.error_set.numel())}
 
     def state_dict(self) -> dict[str, Any]:

@@ -44,15 +44,19 @@ def resolve_paths(cfg: Config) -> Config:
 
 def check_resume(cfg: Config) -> None:
     """resume= names a readable rwray checkpoint: refuse an unsafe or unreadable file here, not in every worker."""
-    if cfg.resume is None:
-        return
-    if not (cfg.resume / checkpoint.STATE).is_file():
-        raise NotACheckpoint(f"resume={cfg.resume} is not an rwray checkpoint (no {checkpoint.STATE}); use a "
-                             f"checkpoint_* folder under {cfg.storage('ray')}")
+    if cfg.resume is not None:
+        read_checkpoint(cfg.resume, "resume", f"a checkpoint_* folder under {cfg.storage('ray')}")
+
+
+def read_checkpoint(folder: Path, field: str, use: str) -> dict:
+    """The state of the rwray checkpoint ``folder`` that the job's ``field`` names; NotACheckpoint when it holds no
+    state file, ConfigError when that file is unsafe or unreadable (``use``: what to point the field at)."""
+    if not (folder / checkpoint.STATE).is_file():
+        raise NotACheckpoint(f"{field}={folder} is not an rwray checkpoint (no {checkpoint.STATE}); use {use}")
     try:
-        checkpoint.load(cfg.resume)
+        return checkpoint.load(folder)
     except CheckpointError as e:
-        raise ConfigError([f"resume: {e}"], "resume") from None
+        raise ConfigError([f"{field}: {e}"], field) from None
 
 
 def ensure_data(cfg: Config) -> Manifest:
@@ -95,13 +99,7 @@ def check_stage(cfg: Config, info) -> None:
 
     state = None
     if cfg.train.init_from is not None:
-        if not (cfg.train.init_from / checkpoint.STATE).is_file():
-            raise NotACheckpoint(f"train.init_from={cfg.train.init_from} is not an rwray checkpoint (no "
-                                 f"{checkpoint.STATE}); use a checkpoint_* folder of the first stage's run under "
-                                 f"{cfg.storage('ray')}")
-        try:
-            state = checkpoint.load(cfg.train.init_from)
-        except CheckpointError as e:
-            raise ConfigError([f"train.init_from: {e}"], "train.init_from") from None
+        state = read_checkpoint(cfg.train.init_from, "train.init_from",
+                                f"a checkpoint_* folder of the first stage's run under {cfg.storage('ray')}")
     prepare_stage(MODELS.build(cfg.model, info), info.num_classes, cfg.train.init_from, cfg.train.trainable,
                   cfg.train.reinit_classifier, state)

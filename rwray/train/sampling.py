@@ -8,21 +8,21 @@ for epoch t = 0 … T − 1 of T (their formula, t counted from 0).
 
 An epoch keeps the split's length N (cut to a multiple of the worker count). Class c gets exactly its quota
 round(N·p_c) (largest remainders, summing to N): no sampling noise in the class mix, whatever the number of
-workers. Within a class its members are taken in
-seeded permutations, one after another (so a class sampled more than its size repeats each member as evenly as
-possible), and the whole list is shuffled. The loop deals it to workers round-robin (`batches.epoch_order`).
+workers. Within a class its members are taken in seeded permutations, one after another (so a class sampled more
+than its size repeats each member as evenly as possible), and the whole list is shuffled. The loop deals it to
+workers round-robin (`batches.epoch_order`).
 
 A leaf: imports nothing from rwray.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 Sampler = Literal["uniform", "class_balanced", "sqrt", "progressive"]
-SAMPLERS: tuple[str, ...] = ("uniform", "class_balanced", "sqrt", "progressive")
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
 
 
 def class_probabilities(counts: torch.Tensor, sampler: Sampler, epoch: int = 0, epochs: int = 1) -> torch.Tensor:
