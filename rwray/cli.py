@@ -75,7 +75,9 @@ def _parse_pairs(pairs: list[str]) -> dict[str, object]:
 
 @data_app.command("prepare")
 def data_prepare(
-    source: str = typer.Argument(..., help="digits | cifar10 | cifar100 | synthetic"),
+    source: str = typer.Argument(..., help="a data source: digits, cifar10, cifar100, synthetic, biased-mnist, "
+                                 "image_folder, image_list, imagenet_lt, places_lt, inat2018, clothing1m, imagenet9, "
+                                 "iwildcam (`rwray schema` lists their parameters)"),
     out: Path = typer.Option(..., "--out", help="shard directory to create"),
     imbalance: str = typer.Option("none", help="none | exp | step"),
     factor: float = typer.Option(1.0, help="imbalance factor n_max / n_min"),
@@ -84,7 +86,10 @@ def data_prepare(
     label_noise: Optional[str] = typer.Option(None, help="symmetric | asymmetric"),
     noise_rate: float = typer.Option(0.0),
     rows_per_shard: int = typer.Option(10000),
-    root: Optional[Path] = typer.Option(None, help="folder holding the source's files (cifar10/cifar100)"),
+    rows_per_group: int = typer.Option(256, help="image files: rows per Parquet row group (the streaming unit)"),
+    resize: Optional[int] = typer.Option(None, help="image files: shrink the shorter side to this at prepare time"),
+    workers: Optional[int] = typer.Option(None, help="image files: processes reading them (default: one per CPU)"),
+    root: Optional[Path] = typer.Option(None, help="folder holding the source's files"),
     download: bool = typer.Option(False, help="download the source if missing (needs network)"),
     param: List[str] = typer.Option([], "--param", "-p", help="source parameter key=value, e.g. -p train_per_class=100"),
     overwrite: bool = typer.Option(False, help="replace an existing shard directory"),
@@ -111,7 +116,8 @@ def data_prepare(
             raw["download"] = True
         params, builder = C.prepare_params(raw, dict(
             imbalance=imbalance, factor=factor, val_per_class=val_per_class, seed=seed, label_noise=label_noise,
-            noise_rate=noise_rate, rows_per_shard=rows_per_shard), "rwray data prepare")
+            noise_rate=noise_rate, rows_per_shard=rows_per_shard, rows_per_group=rows_per_group, resize=resize,
+            workers=workers), "rwray data prepare")
         columns = (rp.TextColumn("{task.description:<12}"), rp.BarColumn(), rp.MofNCompleteColumn(), RowsPerSecond(),
                    rp.TimeElapsedColumn(), rp.TextColumn("ETA"), rp.TimeRemainingColumn())
         with rp.Progress(*columns, console=console) as bar:
@@ -132,8 +138,12 @@ def data_prepare(
                 if not tasks:  # refused before any shard (e.g. --out holds shards): the message alone
                     bar.remove_task(reading)
                 raise
-        counts = {s: m.num_samples(s) for s in ("train", "val", "test")}
-        console.print(f"wrote {out}: {counts}; train per class {m.class_counts('train')}")
+        counts = {s: m.num_samples(s) for s in ("train", *m.eval_splits)}
+        per_class = m.class_counts("train")
+        shown = per_class if len(per_class) <= 20 else f"{min(per_class)}..{max(per_class)} over {len(per_class)} classes"
+        console.print(f"wrote {out}: {counts}; train per class {shown}")
+        for note in m.data.get("notes", []):
+            console.print(f"note: {note}")
 
 
 @data_app.command("verify")

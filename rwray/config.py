@@ -41,8 +41,25 @@ class DataConfig(Section):
     builder: BuilderParams = BuilderParams()  # long-tail / validation / noise options used with `source`
     batch_size: int = Field(128, ge=1)  # per worker
     eval_batch_size: int = Field(512, ge=1)  # per worker
-    augment: Literal["none", "flip", "crop_flip"] = "none"
+    # Array shards: none | flip | crop_flip (pad by crop_padding, random crop), batched on the device. Encoded
+    # (JPEG) shards: none (eval crop) | flip | rrc_flip (RandomResizedCrop(crop_size) + flip + ColorJitter), per
+    # sample on the decoding CPUs, seeded by (seed, epoch, index).
+    augment: Literal["none", "flip", "crop_flip", "rrc_flip"] = "none"
     crop_padding: int = Field(4, ge=0)
+    crop_size: int = Field(224, ge=8)  # encoded shards: the square crop the model sees
+    eval_resize: int = Field(256, ge=8)  # encoded shards: eval resizes the shorter side to this, then centre-crops
+    color_jitter: float = Field(0.4, ge=0, le=1)  # rrc_flip's brightness / contrast / saturation strength
+    # How a worker reads the train split: memory (read once, kept; small data), stream (row groups of its share of
+    # the epoch plan, decoded on Ray Data CPU actors, bounded memory), auto (stream encoded shards and splits over
+    # memory_limit_gb on disk).
+    stream: Literal["auto", "memory", "stream"] = "auto"
+    memory_limit_gb: float = Field(2.0, gt=0)
+    decode_actors: int = Field(2, ge=0)  # per worker, streaming; 0: decode in the train process
+    decode_cpus: float = Field(1.0, gt=0)  # logical CPUs each decoding actor reserves
+    prefetch_batches: int = Field(2, ge=1)  # decoded batches a worker keeps ready ahead of the step
+    # Node labels the decoding actors must run on (e.g. {"node-role": "cpu"} for CPU nodes started with
+    # `ray start --labels node-role=cpu`); None: anywhere.
+    decode_node_labels: dict[str, str] | None = None
     # Which train samples an epoch visits (rwray.train.sampling): every one once (uniform), or exact class quotas
     # with p_c ∝ 1 (class_balanced), ∝ sqrt(n_c) (sqrt), or moving from n_c to 1 over the epochs (progressive).
     sampler: Sampler = "uniform"
@@ -88,6 +105,16 @@ class TrainConfig(Section):
     # latest one; the epochs after it are trained again, and their metrics reach MLflow with the next checkpoint
     # (so under an ASHA sweep, keep 1: a trial stopped between checkpoints never logs its last epochs).
     checkpoint_every: int = Field(1, ge=1)
+    # Also hand Ray Train a checkpoint every N steps inside an epoch (long epochs on large data): a restart resumes
+    # the epoch at that step, with exactly the samples not yet consumed. None: at epoch ends only.
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _steps_whole_updates(self) -> "TrainConfig":
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps % self.grad_accum:
+            raise ValueError(f"checkpoint_every_steps={self.checkpoint_every_steps} must be a multiple of "
+                             f"grad_accum={self.grad_accum}: a checkpoint cannot hold half-accumulated gradients")
+        return self
 
 
 class ScalingConfig(Section):

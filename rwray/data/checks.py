@@ -81,7 +81,14 @@ def verify(dir: Path | str, checksums: bool = True) -> Manifest:
                 problems.append(f"{name}: columns {schema.names} differ from the manifest's {m.columns}. Fix: {redo}")
             if pf.metadata.num_rows != shard["rows"]:
                 problems.append(f"{name}: {pf.metadata.num_rows} rows, manifest says {shard['rows']}. Fix: {redo}")
-            if "image" in schema.names:
+            if "image" in schema.names and m.encoded:
+                if not pa.types.is_binary(schema.field("image").type):
+                    problems.append(f"{name}: image column is {schema.field('image').type}, expected binary "
+                                    f"(encoded image bytes). Fix: {redo}")
+                groups = shard.get("row_groups", [])
+                if [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)] != groups:
+                    problems.append(f"{name}: row groups differ from the manifest's {groups[:8]}. Fix: {redo}")
+            elif "image" in schema.names:
                 t = schema.field("image").type
                 got = t.list_size if pa.types.is_fixed_size_list(t) else None
                 if got != width:

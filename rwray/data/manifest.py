@@ -4,6 +4,8 @@ trainer and worker reads.
 Layout of a shard directory:
     manifest.json                 sorted keys, no timestamps: same inputs + seed => same bytes
     train-00000.parquet ...       columns: image (fixed-size list<uint8>[C*H*W], CHW flattened), label, index, extras
+                                  (``"encoding": "jpeg"``: image is the file's bytes, binary; row groups listed per
+                                  shard: `rwray.data.imagewrite`)
     val-00000.parquet ...
     test-00000.parquet ...
     <extra>-00000.parquet ...     a source's extra test sets (e.g. test_unbiased), same columns
@@ -133,11 +135,27 @@ class Manifest:
     def shard_paths(self, split: str) -> list[str]:
         return [str(self.dir / s["file"]) for s in self.split(split)["shards"]]
 
-    def data_info(self) -> DataInfo:
+    @property
+    def encoded(self) -> bool:
+        """Images stored as encoded files (JPEG bytes, `rwray.data.imagewrite`) rather than uint8 arrays."""
+        return self.data.get("encoding", "raw") != "raw"
+
+    def row_groups(self, split: str) -> list[tuple[str, int, int]]:
+        """The split's row groups in storage order: (file path, group number in the file, rows) — the units the
+        streaming input reads. Array shards have one group per file."""
+        out = []
+        for s in self.split(split)["shards"]:
+            for g, rows in enumerate(s.get("row_groups", [s["rows"]])):
+                out.append((str(self.dir / s["file"]), g, int(rows)))
+        return out
+
+    def data_info(self, crop_size: int | None = None) -> DataInfo:
+        """What models and methods see; for encoded images the input is the (square) crop of side ``crop_size``."""
+        shape = (self.image_shape[0], crop_size, crop_size) if self.encoded and crop_size else self.image_shape
         return DataInfo(
             num_classes=self.num_classes,
             class_counts=tuple(self.class_counts("train")),
-            image_shape=self.image_shape,
+            image_shape=shape,
             num_train=self.num_samples("train"),
             extra_columns=tuple(self.extra_columns),
         )

@@ -15,6 +15,8 @@ import numpy as np
 from pydantic import Field
 
 from rwray.data import biased, cifar, mnist
+from rwray.data.imagesources import FILE_SOURCES
+from rwray.data.listing import FileListing
 from rwray.data.manifest import BASE_COLUMNS, SPLITS
 from rwray.errors import DataError
 from rwray.registry import Params, Registry
@@ -78,7 +80,7 @@ class RawData:
         return int(c), int(h), int(w)
 
 
-SOURCES: Registry[RawData] = Registry("data source")
+SOURCES: Registry[RawData | FileListing] = Registry("data source")
 
 
 # ------------------------------------------------------------------------------------------------------------ digits
@@ -236,3 +238,11 @@ SOURCES.add("biased-mnist", BiasedMnistParams, build_biased_mnist,
             "colour-biased MNIST (ReBias): IDX files, rho, test_unbiased split")
 SOURCES.add("biased-digits", BiasedDigitsParams, build_biased_digits,
             "colour-biased 8x8 digits (no download), test_unbiased split")
+
+
+# ------------------------------------------------------------------------------------------------ image files
+
+# Large datasets of image files (ImageNet-LT, iNaturalist, ...): their builders return a `FileListing`, which
+# `rwray.data.write.prepare` hands to the image-shard writer (JPEG bytes, streamed by the workers).
+for _name, _params, _build, _doc in FILE_SOURCES:
+    SOURCES.add(_name, _params, _build, _doc)

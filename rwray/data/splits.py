@@ -27,6 +27,12 @@ class BuilderParams(Params):
     label_noise: NoiseKind | None = None
     noise_rate: float = Field(0.0, ge=0, lt=1)
     rows_per_shard: int = Field(10000, ge=1)
+    # Image-file sources only (rwray.data.imagewrite): rows per Parquet row group (the streaming unit of IO and of
+    # the epoch plan), the shorter side images are resized to at prepare time (None: stored as they are), and the
+    # processes that read and check them (None: one per CPU).
+    rows_per_group: int = Field(256, ge=1)
+    resize: int | None = Field(None, ge=8)
+    workers: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _rate_needs_kind(self) -> "BuilderParams":

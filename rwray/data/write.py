@@ -6,11 +6,7 @@ The format itself (layout, columns, manifest keys) is described in `rwray.data.m
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rwray.data.atomic import check_out, dump_manifest, staging
+from rwray.data.listing import FileListing
 from rwray.data.manifest import BASE_COLUMNS, FORMAT, MANIFEST, Manifest, file_sha256
 from rwray.data.sources import SOURCES
 from rwray.data.splits import BuilderParams, Split, build_splits
@@ -95,29 +93,6 @@ def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return [float(v) for v in mean], [float(v) for v in np.sqrt(var)]
 
 
-def _dump_manifest(data: dict[str, Any]) -> bytes:
-    return (json.dumps(data, sort_keys=True, indent=2) + "\n").encode()
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise DataError(f"{out} exists and is a file, not a shard directory; choose another --out")
-    if overwrite:
-        return
-    if (out / MANIFEST).exists():
-        raise DataError(
-            f"{out} already holds prepared shards ({MANIFEST} exists); pass overwrite=True (`--overwrite`) "
-            "to replace them, or choose another output directory"
-        )
-    if any(out.iterdir()):
-        raise DataError(
-            f"{out} exists and is not empty (and is not a shard directory); choose another output directory, "
-            "or pass overwrite=True (`--overwrite`) to replace its contents"
-        )
-
-
 def prepare(source: Params, out: Path, builder: BuilderParams | None = None, overwrite: bool = False,
             progress: Progress | None = None) -> Manifest:
     """Build a shard directory at ``out`` from a registered source; returns its loaded Manifest.
@@ -130,19 +105,20 @@ def prepare(source: Params, out: Path, builder: BuilderParams | None = None, ove
     """
     builder = builder if builder is not None else BuilderParams()
     out = Path(out).expanduser().absolute()
-    _check_out(out, overwrite)  # before the (possibly slow) source build
+    check_out(out, overwrite)  # before the (possibly slow) source build
 
     raw = SOURCES.build(source)
+    if isinstance(raw, FileListing):  # a dataset of image files: JPEG-bytes shards, its own writer
+        from rwray.data.imagewrite import write_listing
+
+        return write_listing(raw, source, out, builder, progress)
     splits = build_splits(raw, builder)
     c, h, w = raw.image_shape
     width = c * h * w
     extra_names = sorted(splits["train"].extras)
     num_classes = len(raw.classes)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # same filesystem => rename is atomic
-    tmp.mkdir()
-    try:
+    with staging(out) as tmp:
         split_info = {}
         for name in splits:  # train, val, test, then any extra test sets of the source
             s = splits[name]
@@ -164,24 +140,5 @@ def prepare(source: Params, out: Path, builder: BuilderParams | None = None, ove
             "columns": [*BASE_COLUMNS, *extra_names],
             "splits": split_info,
         }
-        (tmp / MANIFEST).write_bytes(_dump_manifest(manifest))
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / MANIFEST).write_bytes(dump_manifest(manifest))
     return Manifest.load(out)
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    # POSIX cannot rename a directory over a non-empty one: move the old one aside, swap, then delete it.
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)  # put the previous contents back
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from rwray.data.augment import augment, decode, normalize
 from rwray.datainfo import DataInfo
+from rwray.train.plan import Stages, current, resume_stages
 from rwray.train.sampling import Sampler, epoch_positions
 
 CORE_COLUMNS = ("image", "label", "index")
@@ -36,8 +38,12 @@ class Images:
 
     def __call__(self, rows: dict[str, torch.Tensor], aug: str = "none", padding: int = 0,
                  generator: torch.Generator | None = None) -> Batch:
-        x = decode(rows["image"].to(self.device, non_blocking=True), self.shape)
-        x = normalize(augment(x, aug, padding, generator), self.mean, self.std).contiguous(memory_format=self.layout)
+        image = rows["image"].to(self.device, non_blocking=True)
+        if image.dim() == 4:  # [B, C, S, S] uint8 crops of encoded images: augmented where they were decoded
+            x = image.float().div_(255.0)
+        else:  # [B, C*H*W] uint8 rows of array shards: augmented here, as a batch
+            x = augment(decode(image, self.shape), aug, padding, generator)
+        x = normalize(x, self.mean, self.std).contiguous(memory_format=self.layout)
         extras = {k: v.to(self.device) for k, v in rows.items() if k not in CORE_COLUMNS}
         return Batch(x, rows["label"].to(self.device).long(), rows["index"].to(self.device).long(), extras)
 
@@ -63,6 +69,12 @@ def arrow_rows(table) -> dict[str, torch.Tensor]:
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     # Augmentation and dropout randomness are a function of (seed, rank, epoch): a resumed epoch replays exactly.
     return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)
+
+
+def step_seed(seed: int, rank: int, epoch: int, step: int) -> int:
+    # Device-side augmentation of one batch: a function of the step too, so an epoch resumed mid-way draws the
+    # same crops and flips for the batches it still has to train.
+    return (epoch_seed(seed, rank, epoch) * 1_000_033 + step) % (2**63)
 
 
 def _order_seed(seed: int, epoch: int) -> int:
@@ -115,16 +127,34 @@ class TrainRows:
         self._stream = stream
         self._rows: dict[str, torch.Tensor] | None = None
 
-    def batches(self, seed: int, epoch: int, rank: int, world: int, batch_size: int, sampler: Sampler = "uniform",
-                epochs: int = 1, num_classes: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    def order(self, seed: int, epoch: int, rank: int, world: int, sampler: Sampler = "uniform", epochs: int = 1,
+              num_classes: int | None = None, stages: Stages | None = None) -> np.ndarray:
+        """This rank's positions in the kept rows for the epoch, in training order; ``stages``
+        (`rwray.train.plan`): where a resumed epoch stands. Reads the split on first use."""
         if self._rows is None:
             self._rows = canonical_rows(self._stream())
         if not self._rows:
-            return
-        mine = epoch_order(self._rows["label"].long(), seed, epoch, rank, world, sampler, epochs, num_classes)
+            return np.zeros(0, np.int64)
+        labels = self._rows["label"].long()
+
+        def plan_for(w: int) -> list[np.ndarray]:
+            positions = global_order(labels, seed, epoch, w, sampler, epochs, num_classes).numpy()
+            return [positions[r::w] for r in range(w)]
+
+        return current(plan_for, resume_stages(stages, world))[rank]
+
+    def take(self, positions: np.ndarray, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The kept rows at ``positions``, ``batch_size`` at a time."""
+        mine = torch.from_numpy(positions)
         for i in range(0, len(mine), batch_size):
             j = mine[i:i + batch_size]
             yield {k: v[j] for k, v in self._rows.items()}
+
+    def batches(self, seed: int, epoch: int, rank: int, world: int, batch_size: int, sampler: Sampler = "uniform",
+                epochs: int = 1, num_classes: int | None = None, stages: Stages | None = None
+                ) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's batches of the epoch (`order`, then `take`)."""
+        yield from self.take(self.order(seed, epoch, rank, world, sampler, epochs, num_classes, stages), batch_size)
 
 
 class EvalRows:

@@ -8,6 +8,7 @@ re-raised as `BatchTooLarge`, naming the config field to lower.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -86,31 +87,50 @@ def weight_ema(model: nn.Module, decay: float) -> AveragedModel:
     return AveragedModel(dist.unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+@dataclass
+class EpochTotals:
+    """What an epoch has added up so far on this worker; carried in a mid-epoch checkpoint, so a resumed epoch's
+    metrics cover the whole epoch."""
+
+    loss_sum: float = 0.0  # sum of per-sample losses, this worker
+    seen: int = 0  # samples, this worker
+    weight_sum: float = 0.0
+    steps: int = 0  # batches trained this epoch (the next step's number)
+    method: dict[str, float] = field(default_factory=dict)  # method metrics, summed over steps
+    norms: list = field(default_factory=list)  # per update, the gradient norm before clipping ([] tensors until saved)
+    skipped: list[bool] = field(default_factory=list)  # per update: skipped for fp16 overflow
+
+    def state_dict(self) -> dict:
+        return {**vars(self), "norms": [float(n) for n in self.norms]}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> "EpochTotals":
+        return cls(**state) if state else cls()
+
+
 def train_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, batches: Iterable[Batch], epoch: int,
                 grad_accum: int = 1, amp: str = "none",
                 on_step: Callable[[int], None] | None = None, clip_grad_norm: float | None = None,
-                ema: AveragedModel | None = None, scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+                ema: AveragedModel | None = None, scaler: torch.amp.GradScaler | None = None,
+                totals: EpochTotals | None = None) -> dict[str, float]:
     """One pass over this worker's batches. Returns epoch metrics (losses exact over workers; with clipping, the
     mean gradient norm before clipping and the fraction of updates clipped; under fp16, the fraction of updates
     skipped for overflow).
 
-    Out of accelerator memory raises `BatchTooLarge` naming data.batch_size; ``on_step(step)`` runs after each
-    step (progress reporting)."""
+    ``totals`` continues an epoch resumed mid-way (its step count numbers the steps) and is updated in place, so
+    ``on_step(step)``, which runs after each step (progress, mid-epoch checkpoints), sees it current. Out of
+    accelerator memory raises `BatchTooLarge` naming data.batch_size."""
     model.train()
-    device = next(model.parameters()).device
-    updates: list[tuple[torch.Tensor | None, bool]] = []  # (norm before clipping, skipped) per optimizer step
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    seen = weight_sum = 0.0
-    method_metrics: dict[str, float] = {}
+    t = totals if totals is not None else EpochTotals()
     opt.zero_grad(set_to_none=True)
-    step = -1
-    for step, b in enumerate(batches):
+    first = step = t.steps
+    for step, b in enumerate(batches, start=first):
         last_micro = (step + 1) % grad_accum == 0
         # DDP all-reduces gradients on every backward; skip it on accumulation steps that do not update.
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
         try:
             with sync:
-                with autocast(device, amp):
+                with autocast(b.x.device, amp):
                     logits, feats = model(b.x, return_features=True)
                 out = method.step(StepInputs(model, b.x, b.y, b.index, logits, feats, epoch, step, b.extras))
                 bad = ~torch.isfinite(out.losses.detach()) | ~torch.isfinite(out.weights)
@@ -119,36 +139,45 @@ def train_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, ba
                 loss = weighted_loss(out) / grad_accum
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             if last_micro:
-                updates.append(update(model, opt, clip_grad_norm, ema, scaler))
+                _record(t, update(model, opt, clip_grad_norm, ema, scaler))
         except OOM as e:
             raise _oom("data.batch_size", len(b.y), f"at epoch {epoch}, step {step}", grad_accum, e) from None
-        loss_sum += out.losses.detach().double().sum()
-        seen += len(b.y)
-        weight_sum += float(out.weights.sum())
+        # One host sync a step (the loss sum); the NaN check above already waited for this step's losses.
+        t.loss_sum += float(out.losses.detach().double().sum())
+        t.seen += len(b.y)
+        t.weight_sum += float(out.weights.sum())
         for k, v in out.metrics.items():
-            method_metrics[k] = method_metrics.get(k, 0.0) + float(v)
+            t.method[k] = t.method.get(k, 0.0) + float(v)
+        t.steps = step + 1
         if on_step is not None:
             on_step(step)
-    if (step + 1) % grad_accum != 0:  # a trailing partial accumulation still updates
-        updates.append(update(model, opt, clip_grad_norm, ema, scaler))
-    totals = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(seen, dtype=torch.float64, device=device)]))
-    steps = max(step + 1, 1)
-    return {TRAIN_LOSS: float(totals[0] / totals[1].clamp(min=1)), TRAIN_SAMPLES: float(totals[1]),
-            TRAIN_MEAN_WEIGHT: weight_sum / max(seen, 1), **update_metrics(updates, clip_grad_norm, scaler),
-            **{k: v / steps for k, v in method_metrics.items()}}
+    if t.steps % grad_accum != 0 and t.steps > first:  # a trailing partial accumulation still updates
+        _record(t, update(model, opt, clip_grad_norm, ema, scaler))
+    device = next(model.parameters()).device
+    totals_ = dist.all_reduce_sum(torch.tensor([t.loss_sum, float(t.seen)], dtype=torch.float64, device=device))
+    steps = max(t.steps, 1)
+    return {TRAIN_LOSS: float(totals_[0] / totals_[1].clamp(min=1)), TRAIN_SAMPLES: float(totals_[1]),
+            TRAIN_MEAN_WEIGHT: t.weight_sum / max(t.seen, 1), **update_metrics(t, clip_grad_norm, scaler),
+            **{k: v / steps for k, v in t.method.items()}}
 
 
-def update_metrics(updates: list[tuple[torch.Tensor | None, bool]], clip_grad_norm: float | None,
-                   scaler: torch.amp.GradScaler | None) -> dict[str, float]:
+def _record(t: EpochTotals, result: tuple[torch.Tensor | None, bool]) -> None:
+    norm, skipped = result
+    if norm is not None:
+        t.norms.append(norm)  # stays on the device: read once, at the end of the epoch
+    t.skipped.append(skipped)
+
+
+def update_metrics(t: EpochTotals, clip_grad_norm: float | None, scaler: torch.amp.GradScaler | None
+                   ) -> dict[str, float]:
     """Over the epoch's updates, the same on every worker (the gradients are): with clipping, the mean norm before
     clipping and the fraction clipped; under fp16, the fraction skipped."""
     out = {}
-    norms = [n for n, _ in updates if n is not None]
-    if norms:
-        n = torch.stack(norms).float()  # one host read for the epoch
+    if t.norms and clip_grad_norm is not None:
+        n = torch.tensor([float(v) for v in t.norms])
         out.update({TRAIN_GRAD_NORM: float(n.mean()), TRAIN_CLIPPED: float((n > clip_grad_norm).float().mean())})
-    if scaler is not None and updates:
-        out[TRAIN_SKIPPED] = sum(skipped for _, skipped in updates) / len(updates)
+    if scaler is not None and t.skipped:
+        out[TRAIN_SKIPPED] = sum(t.skipped) / len(t.skipped)
     return out
 
 

@@ -1,35 +1,59 @@
-"""A worker's input: its rows of the train split's (seed, epoch) order, and its share of each eval split, as
-`Batch`es on its device. Ray appears twice: `ray.get` of a small split's table, `get_dataset_shard` of a large
-split's stream (`rayenv.data_sources` decides which)."""
+"""A worker's input: its rows of the train split's epoch plan, and its share of each eval split, as `Batch`es on its
+device. Two ways to read, one plan and one resume contract (`rwray.train.plan`):
+
+- memory (small data): the split read once into the worker's memory — one `ray.get` of a small split's table, or
+  a Ray Data shard of a larger one (`rayenv.data_sources`) — and cut each epoch by `TrainRows`;
+- stream (data that does not fit, and every encoded-image dataset): only this rank's row groups, decoded on Ray
+  Data CPU actors (`rwray.train.stream`); nothing materialises a split.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from rwray.config import Config
 from rwray.data import Manifest
-from rwray.train.batches import Batch, EvalRows, Images, TrainRows, arrow_rows, epoch_seed
+from rwray.data.decode import ImageTransform
+from rwray.train import plan
+from rwray.train.batches import Batch, EvalRows, Images, TrainRows, arrow_rows, step_seed
 from rwray.train.rayenv import quiet_data
+from rwray.train.stream import RankStream
 
 EVAL_KEEP_BYTES = 1 << 30
+GIB = 1 << 30
+
+
+def streams(cfg: Config, manifest: Manifest) -> bool:
+    """data.stream, with auto: encoded images always stream; array shards stream when the train split's files
+    exceed data.memory_limit_gb."""
+    if cfg.data.stream != "auto":
+        return cfg.data.stream == "stream"
+    size = sum(os.path.getsize(f) for f in manifest.shard_paths("train"))
+    return manifest.encoded or size > cfg.data.memory_limit_gb * GIB
 
 
 class Data:
-    """This worker's batches: its rows of the train split's (seed, epoch) order (`data.sampler`), and its share of
-    an eval split. Counts the classes of the train rows it hands out (``class_samples``, [C], this epoch)."""
+    """This worker's batches: its rows of the train split's (seed, epoch) plan (`data.sampler` in memory), and its
+    share of an eval split. Counts the classes of the train rows it hands out (``class_samples``, [C], this epoch)."""
 
     def __init__(self, cfg: Config, manifest: Manifest, device: torch.device, rank: int, world: int,
                  tables: dict[str, Any]):
-        self.cfg, self.rank, self.world = cfg, rank, world
-        self.info = info = manifest.data_info()
+        self.cfg, self.manifest, self.rank, self.world = cfg, manifest, rank, world
+        self.info = info = manifest.data_info(cfg.data.crop_size)
         self.images = Images(info, manifest.mean, manifest.std, device, cfg.train.channels_last)
         self.num_bias = info.num_classes if "bias" in info.extra_columns else None  # bias values index classes
         self.gen = torch.Generator(device=device)
         self.class_samples = torch.zeros(info.num_classes, dtype=torch.int64)  # [C] this rank's, this epoch
-        self.train_rows = TrainRows(self._stream("train", tables, batch=4096, prefetch_batches=2))
+        self.streaming = streams(cfg, manifest)
+        if self.streaming:
+            self._init_streams(cfg, manifest)
+            return
+        self.train_rows = TrainRows(self._table("train", tables, batch=4096, prefetch_batches=2))
         # An eval split this worker's share of which fits in EVAL_KEEP_BYTES is read once and kept (its images as
         # stored: uint8, C*H*W bytes a row); a larger one is streamed from Ray Data at every evaluation.
         row_bytes = math.prod(info.image_shape)
@@ -37,11 +61,13 @@ class Data:
         for split in manifest.eval_splits:
             keep = split in tables or manifest.num_samples(split) * row_bytes / world <= EVAL_KEEP_BYTES
             batch = 4096 if keep else cfg.data.eval_batch_size
-            self.eval_rows[split] = EvalRows(self._stream(split, tables, batch), rank, world, keep)
+            self.eval_rows[split] = EvalRows(self._table(split, tables, batch), rank, world, keep)
+
+    # ------------------------------------------------------------------------------------------------- memory
 
     @staticmethod
-    def _stream(split: str, tables: dict[str, Any], batch: int, **kw
-                ) -> Callable[[], Iterable[dict[str, torch.Tensor]]]:
+    def _table(split: str, tables: dict[str, Any], batch: int, **kw
+               ) -> Callable[[], Iterable[dict[str, torch.Tensor]]]:
         """A small split is one table in Ray's object store (`rayenv.data_sources`); a large one a Ray Data shard."""
         import ray
         import ray.train
@@ -51,15 +77,63 @@ class Data:
         quiet_data()
         return lambda: ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=batch, **kw)
 
-    def train(self, epoch: int) -> Iterator[Batch]:
+    # ------------------------------------------------------------------------------------------------- stream
+
+    def _init_streams(self, cfg: Config, manifest: Manifest) -> None:
+        d = cfg.data
+        transform = (ImageTransform(d.crop_size, d.eval_resize, "rrc_flip" if d.augment == "rrc_flip" else
+                                    "flip" if d.augment == "flip" else "none", d.color_jitter)
+                     if manifest.encoded else None)
+        self.splits: dict[str, tuple[list[tuple[int, int, int]], RankStream]] = {}
+        for split in ("train", *manifest.eval_splits):
+            groups = manifest.row_groups(split)  # [(file, group in file, rows)] in storage order
+            files = list(dict.fromkeys(f for f, _, _ in groups))
+            at = {f: i for i, f in enumerate(files)}
+            stream = RankStream(files, manifest.columns, transform, split == "train", cfg.train.seed,
+                                d.decode_actors, d.decode_cpus, d.prefetch_batches, d.decode_node_labels)
+            self.splits[split] = ([(at[f], g, n) for f, g, n in groups], stream)
+
+    def _mine(self, epoch: int, stages: plan.Stages | None) -> np.ndarray:
+        """This rank's rows still to train in the epoch, in order: positions in the kept rows (memory) or global
+        row ids of the split's row groups (stream)."""
+        cfg, stages = self.cfg, plan.resume_stages(stages, self.world)
+        if not self.streaming:
+            return self.train_rows.order(cfg.train.seed, epoch, self.rank, self.world, cfg.data.sampler,
+                                         cfg.train.epochs, self.info.num_classes, stages)
+        rows = [n for _, _, n in self.splits["train"][0]]
+        return plan.current(lambda w: plan.epoch_plan(cfg.train.seed, epoch, rows, w), stages)[self.rank]
+
+    def train(self, epoch: int, stages: plan.Stages | None = None, first_step: int = 0
+              ) -> tuple[int, Iterator[Batch]]:
+        """(this rank's steps left in the epoch, its batches). ``stages``: where a resumed epoch stands
+        (`rwray.train.plan`); ``first_step``: the number of the first batch (seeds its device augmentation)."""
         cfg, k = self.cfg, self.info.num_classes
-        self.gen.manual_seed(epoch_seed(cfg.train.seed, self.rank, epoch))
-        self.class_samples.zero_()
-        for rows in self.train_rows.batches(cfg.train.seed, epoch, self.rank, self.world, cfg.data.batch_size,
-                                            cfg.data.sampler, cfg.train.epochs, k):
-            self.class_samples += torch.bincount(rows["label"].long(), minlength=k)
-            yield self.images(rows, cfg.data.augment, cfg.data.crop_padding, self.gen)
+        mine = self._mine(epoch, stages)
+        b = cfg.data.batch_size
+        if not self.streaming:
+            rows = self.train_rows.take(mine, b)
+        else:
+            groups, stream = self.splits["train"]
+            items = [{"file": groups[u][0], "group": groups[u][1], "rows": r.tolist(), "epoch": epoch}
+                     for u, r in plan.pieces(mine, plan.offsets([n for _, _, n in groups]))]
+            rows = stream.batches(items, b)
+
+        def batches() -> Iterator[Batch]:
+            self.class_samples.zero_()
+            for step, r in enumerate(rows, start=first_step):
+                self.class_samples += torch.bincount(r["label"].long(), minlength=k)
+                self.gen.manual_seed(step_seed(cfg.train.seed, self.rank, epoch, step))
+                yield self.images(r, cfg.data.augment, cfg.data.crop_padding, self.gen)
+
+        return -(-len(mine) // b), batches()
 
     def eval(self, split: str) -> Iterator[Batch]:
-        for rows in self.eval_rows[split].batches(self.cfg.data.eval_batch_size):
+        if not self.streaming:
+            for rows in self.eval_rows[split].batches(self.cfg.data.eval_batch_size):
+                yield self.images(rows)
+            return
+        groups, stream = self.splits[split]
+        items = [{"file": groups[u][0], "group": groups[u][1], "rows": list(range(groups[u][2])), "epoch": 0}
+                 for u in plan.eval_groups(len(groups), self.rank, self.world)]
+        for rows in stream.batches(items, self.cfg.data.eval_batch_size):
             yield self.images(rows)

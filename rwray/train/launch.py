@@ -26,6 +26,7 @@ from rwray.data import Manifest
 from rwray.errors import Interrupted
 from rwray.train import resources
 from rwray.train.identity import RunLock, run_name, start_or_resume
+from rwray.train.inputs import streams
 from rwray.train.loop import train_loop_per_worker
 from rwray.train.preflight import check_paths, check_resume, ensure_data, resolve_paths
 from rwray.train.fatal import root_cause, stop_on_fatal_errors, stopped_from_outside
@@ -75,8 +76,10 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
             import ray.train
 
             with signals():
-                resources.check(cfg, say=output.say)  # a request no node can hold fails here, in seconds
-                tables, data = data_sources(manifest)
+                # a request no node can hold fails here, in seconds
+                resources.check(cfg, say=output.say, streaming=streams(cfg, manifest))
+                # Streaming workers read their own row groups: the driver reads no split.
+                tables, data = ({}, {}) if streams(cfg, manifest) else data_sources(manifest)
                 trainer = torch_trainer(
                     train_loop_per_worker=train_loop_per_worker,
                     train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,

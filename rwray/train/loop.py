@@ -48,7 +48,8 @@ from rwray.train import checkpoint
 from rwray.train.batches import epoch_seed
 from rwray.train.compiling import compile_model
 from rwray.train.decoupled import prepare_stage
-from rwray.train.epoch import evaluate, grad_scaler, train_epoch, weight_ema
+from rwray.train import plan
+from rwray.train.epoch import EpochTotals, evaluate, grad_scaler, train_epoch, weight_ema
 from rwray.train.progress import EpochTicker, progress_line, status_writer
 from rwray.train.inputs import Data
 
@@ -93,6 +94,7 @@ class Worker:
     best: dict[str, Any] = field(default_factory=lambda: {"score": float("-inf"), "epoch": -1, "cms": {}})
     history: dict[int, dict[str, Any]] = field(default_factory=dict)  # epoch -> {"ts": ms, "metrics": {...}}
     logged: int = -1  # the last epoch whose metrics went to MLflow
+    position: dict[str, Any] | None = None  # a mid-epoch checkpoint's {"epoch", "stages", "totals"}: resume there
     label: str = ""  # starts this run's terminal lines when several runs share the terminal (a sweep's trials)
 
 
@@ -103,7 +105,7 @@ def build(cfg: Config) -> Worker:
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     manifest = Manifest.load(cfg.data.dir)
-    info = manifest.data_info()
+    info = manifest.data_info(cfg.data.crop_size)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     model = prepare_stage(MODELS.build(cfg.model, info), info.num_classes, cfg.train.init_from,
                           cfg.train.trainable, cfg.train.reinit_classifier)
@@ -148,6 +150,9 @@ def restore(w: Worker, same_run) -> None:
     if w.scaler is not None and "scaler" in state:
         w.scaler.load_state_dict(state["scaler"])
     w.start_epoch, w.best = state["epoch"] + 1, state["best"]
+    position = state.get("position")
+    if position is not None and position.get("plan") == plan.PLAN_VERSION:  # else the epoch starts again
+        w.position = position
     if same_run is not None:
         w.history = {int(e): h for e, h in state.get("history", {}).items()}
 
@@ -180,19 +185,31 @@ def run_epoch(w: Worker, data: Data, epoch: int, status: Callable[[int, int], No
     """Train one epoch, evaluate every eval split, update the best epoch. -> (metrics, whether it improved)."""
     cfg = w.cfg
     t0 = time.perf_counter()
-    torch.manual_seed(epoch_seed(cfg.train.seed, w.rank, epoch))
+    at = w.position if w.position is not None and w.position["epoch"] == epoch else None  # resuming mid-epoch
+    w.position = None
+    stages = plan.resume_stages(at["stages"] if at else None, w.world)
+    totals = EpochTotals.from_state(at["totals"] if at else None)
+    if w.rank != 0:  # the checkpoint's sums are global (`report_position`): rank 0 carries them
+        totals.loss_sum, totals.seen, totals.weight_sum, totals.method = 0.0, 0, 0.0, {}
+    first = totals.steps
+    torch.manual_seed(epoch_seed(cfg.train.seed, w.rank, epoch) + first)
     w.method.begin_epoch(epoch)
     status(epoch, -1)
-    steps = -(-(w.manifest.num_samples("train") // w.world) // cfg.data.batch_size)  # this rank's batches
-    ticker = EpochTicker(epoch, steps, cfg.data.batch_size * w.world)
+    left, batches = data.train(epoch, stages, first)
+    ticker = EpochTicker(epoch, first + left, cfg.data.batch_size * w.world)
+    every = cfg.train.checkpoint_every_steps
 
     def on_step(step: int) -> None:
         status(epoch, step)
         if w.rank == 0 and (line := ticker.step(step)) is not None:  # an epoch longer than ~30 s
             say(w, line)
+        if every is not None and (step + 1) % every == 0 and step + 1 < first + left:
+            done = stages[:-1] + [(stages[-1][0], stages[-1][1] + (step + 1 - first) * cfg.data.batch_size)]
+            report_position(w, epoch, done, totals)
 
-    metrics = train_epoch(w.model, w.method, w.opt, data.train(epoch), epoch, cfg.train.grad_accum, cfg.train.amp,
-                          on_step=on_step, clip_grad_norm=cfg.train.clip_grad_norm, ema=w.ema, scaler=w.scaler)
+    metrics = train_epoch(w.model, w.method, w.opt, batches, epoch, cfg.train.grad_accum, cfg.train.amp,
+                          on_step=on_step, clip_grad_norm=cfg.train.clip_grad_norm, ema=w.ema, scaler=w.scaler,
+                          totals=totals)
     metrics[TRAIN_LR] = w.opt.param_groups[0]["lr"]
     if cfg.data.sampler != "uniform":  # the class mix the sampler realised, over all workers
         counts = dist.all_reduce_sum(data.class_samples.to(w.device)).tolist()
@@ -225,6 +242,25 @@ def select_best(w: Worker, epoch: int, metrics: dict[str, float], cms: dict[str,
         if split != "val":
             metrics.update({best_key(split_key(split, k)): v for k, v in summarize(cm, w.info.class_counts).items()})
     return improved
+
+
+def report_position(w: Worker, epoch: int, stages: plan.Stages, totals: EpochTotals) -> None:
+    """A mid-epoch checkpoint (train.checkpoint_every_steps): the state after the last finished epoch's fields,
+    the weights and optimizer as they are now, and where the epoch stands — the rows each rank consumed
+    (``stages``) and the epoch's sums so far (global: all-reduced here, carried by rank 0 on resume)."""
+    import ray.train
+
+    sums = dist.all_reduce_sum(torch.tensor([totals.loss_sum, float(totals.seen)], dtype=torch.float64,
+                                            device=w.device)).tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if w.rank == 0:
+            state = checkpoint_state(w, epoch - 1)
+            state["position"] = {"epoch": epoch, "stages": [list(s) for s in stages], "plan": plan.PLAN_VERSION,
+                                 "totals": {**totals.state_dict(), "loss_sum": sums[0], "seen": int(sums[1])}}
+            checkpoint.save(tmp, state, w.cfg.to_yaml())
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"epoch": epoch, "step_in_epoch": totals.steps}, checkpoint=ckpt)
 
 
 def report_epoch(w: Worker, epoch: int, metrics: dict[str, float], improved: bool,

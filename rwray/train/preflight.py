@@ -37,8 +37,9 @@ def resolve_paths(cfg: Config) -> Config:
         cfg.resume = Path(cfg.resume).expanduser().resolve()
     if cfg.train.init_from is not None:
         cfg.train.init_from = Path(cfg.train.init_from).expanduser().resolve()
-    if cfg.data.source is not None and getattr(cfg.data.source, "root", None) is not None:
-        cfg.data.source.root = Path(cfg.data.source.root).expanduser().resolve()
+    for key in ("root", "image_root", "imagenet_a_root", "clusters_csv"):  # a source's folders and files
+        if cfg.data.source is not None and getattr(cfg.data.source, key, None) is not None:
+            setattr(cfg.data.source, key, Path(getattr(cfg.data.source, key)).expanduser().resolve())
     return cfg
 
 
@@ -81,7 +82,8 @@ def check_fit(cfg: Config, manifest: Manifest) -> None:
     method built once against the data's info (a group column it does not have is found here, not on a worker)."""
     from rwray.methods import METHODS
 
-    info = manifest.data_info()
+    info = manifest.data_info(cfg.data.crop_size)
+    check_input(cfg, manifest)
     if cfg.train.select_metric.startswith("val/bias/") and "bias" not in info.extra_columns:
         raise ConfigError([f"train.select_metric: {cfg.train.select_metric} needs a 'bias' column in the data, and "
                            f"{cfg.data.dir} has {', '.join(info.extra_columns) or 'no extra columns'}; choose "
@@ -89,6 +91,29 @@ def check_fit(cfg: Config, manifest: Manifest) -> None:
     METHODS.build(cfg.method, info)
     if cfg.train.init_from is not None or cfg.train.trainable != "all" or cfg.train.reinit_classifier:
         check_stage(cfg, info)
+
+
+def check_input(cfg: Config, manifest: Manifest) -> None:
+    """How the job reads its data fits the data: encoded images stream and are augmented per sample; the class
+    samplers need the split in memory."""
+    from rwray.train.inputs import streams
+
+    d, problems = cfg.data, []
+    if manifest.encoded:
+        if d.stream == "memory":
+            problems.append("data.stream: memory keeps decoded arrays, and this shard directory holds encoded "
+                            "(JPEG) images; use stream or auto")
+        if d.augment == "crop_flip":
+            problems.append("data.augment: crop_flip (pad and crop) is for fixed-size arrays; encoded images use "
+                            "rrc_flip (RandomResizedCrop + flip + ColorJitter), flip or none")
+    elif d.augment == "rrc_flip":
+        problems.append("data.augment: rrc_flip is for encoded (JPEG) images; array shards use none, flip or "
+                        "crop_flip")
+    if d.sampler != "uniform" and streams(cfg, manifest):
+        problems.append(f"data.sampler: {d.sampler} draws class quotas over the whole split, which the streaming "
+                        "input does not hold; use uniform (or data.stream: memory for array shards that fit)")
+    if problems:
+        raise ConfigError(problems, str(cfg.data.dir))
 
 
 def check_stage(cfg: Config, info) -> None:

@@ -286,12 +286,31 @@ def _ask(bundles: list[dict[str, float]]) -> None:
         request_resources(bundles=bundles)
 
 
-def check(cfg: Config, trials: int = 1, wait_s: float | None = None, say: Callable[[str], None] = print) -> int:
+def check_decoders(cfg: Config, nodes: list[Node]) -> None:
+    """A streaming run's decoding actors (data.decode_actors per worker, data.decode_cpus each) need CPUs beside
+    the workers': Ray Data would otherwise wait forever for actors no CPU is left for (a hang, not an error)."""
+    d, s = cfg.data, cfg.scaling
+    if d.decode_actors == 0:
+        return
+    need = s.num_workers * (s.cpus_per_worker + d.decode_actors * d.decode_cpus)
+    have = sum(n.get("CPU", 0.0) for n in nodes)
+    if need > have + 1e-9:
+        raise ResourceError(
+            f"streaming needs {_num(need)} CPUs: {s.num_workers} workers x ({_num(s.cpus_per_worker)} CPU + "
+            f"{d.decode_actors} decoding actors x {_num(d.decode_cpus)} CPU), and the cluster has {_num(have)}.\n"
+            f"Fix: lower data.decode_actors, data.decode_cpus (fractions are fine: 0.5) or scaling.cpus_per_worker, "
+            f"use fewer workers, set data.decode_actors=0 to decode in the workers, or add CPU nodes")
+
+
+def check(cfg: Config, trials: int = 1, wait_s: float | None = None, say: Callable[[str], None] = print,
+          streaming: bool = False) -> int:
     """Refuse at once a run whose workers (one trial's, with ``trials`` > 1) no node can hold and no autoscaler
     can add; wait up to ``wait_s`` (default scaling.resource_wait_s) when one may add them. Returns how many of
     the ``trials`` the nodes hold side by side (>= 1). Raises ResourceError."""
     req = request(cfg, trials)
     nodes = alive_nodes()
+    if streaming:
+        check_decoders(cfg, nodes)
     if fits(req, nodes):
         return at_once(req, nodes)
     growth = autoscaler()
