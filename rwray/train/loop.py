@@ -50,7 +50,7 @@ from rwray.train.compiling import compile_model
 from rwray.train.decoupled import prepare_stage
 from rwray.train import plan
 from rwray.train.epoch import EpochTotals, evaluate, grad_scaler, train_epoch, weight_ema
-from rwray.train.progress import EpochTicker, progress_line, status_writer
+from rwray.train.progress import EpochTicker, progress_line, sample_trace, status_writer
 from rwray.train.inputs import Data
 
 
@@ -62,9 +62,10 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     restore(w, ray.train.get_checkpoint())
     log = open_log(job, w)
     status = status_writer(job.get("status_dir"), w.rank, w.start_epoch)
+    trace = sample_trace(job.get("trace_dir"), w.rank)
     data = Data(w.cfg, w.manifest, w.device, w.rank, w.world, job.get("tables", {}))
     for epoch in range(w.start_epoch, w.cfg.train.epochs):
-        metrics, improved = run_epoch(w, data, epoch, status)
+        metrics, improved = run_epoch(w, data, epoch, status, trace)
         report_epoch(w, epoch, metrics, improved, log)
     if log is not None:
         log_final_artifacts(log, w)
@@ -180,8 +181,8 @@ def log_epochs(w: Worker, log: BufferedRunLogger) -> None:
 # ------------------------------------------------------------------------------------------------------- one epoch
 
 
-def run_epoch(w: Worker, data: Data, epoch: int, status: Callable[[int, int], None]
-              ) -> tuple[dict[str, float], bool]:
+def run_epoch(w: Worker, data: Data, epoch: int, status: Callable[[int, int], None],
+              trace: Callable[[int, int, list[int]], None] | None = None) -> tuple[dict[str, float], bool]:
     """Train one epoch, evaluate every eval split, update the best epoch. -> (metrics, whether it improved)."""
     cfg = w.cfg
     t0 = time.perf_counter()
@@ -196,18 +197,27 @@ def run_epoch(w: Worker, data: Data, epoch: int, status: Callable[[int, int], No
     w.method.begin_epoch(epoch)
     status(epoch, -1)
     left, batches = data.train(epoch, stages, first)
+    ids: list[list[int]] = []  # the batch in training (for the sample trace)
+
+    def traced(batches):
+        for b in batches:
+            ids[:] = [b.index.tolist()]  # a host copy per step: only with RWRAY_SAMPLE_TRACE_DIR set
+            yield b
+
     ticker = EpochTicker(epoch, first + left, cfg.data.batch_size * w.world)
     every = cfg.train.checkpoint_every_steps
 
     def on_step(step: int) -> None:
         status(epoch, step)
+        if trace is not None:
+            trace(epoch, step, ids[0])
         if w.rank == 0 and (line := ticker.step(step)) is not None:  # an epoch longer than ~30 s
             say(w, line)
         if every is not None and (step + 1) % every == 0 and step + 1 < first + left:
             done = stages[:-1] + [(stages[-1][0], stages[-1][1] + (step + 1 - first) * cfg.data.batch_size)]
             report_position(w, epoch, done, totals)
 
-    metrics = train_epoch(w.model, w.method, w.opt, batches, epoch, cfg.train.grad_accum, cfg.train.amp,
+    metrics = train_epoch(w.model, w.method, w.opt, traced(batches) if trace is not None else batches, epoch, cfg.train.grad_accum, cfg.train.amp,
                           on_step=on_step, clip_grad_norm=cfg.train.clip_grad_norm, ema=w.ema, scaler=w.scaler,
                           totals=totals)
     metrics[TRAIN_LR] = w.opt.param_groups[0]["lr"]

@@ -89,6 +89,10 @@ def check_fit(cfg: Config, manifest: Manifest) -> None:
                            f"{cfg.data.dir} has {', '.join(info.extra_columns) or 'no extra columns'}; choose "
                            f"val/worst_class_acc or val/balanced_acc"])
     METHODS.build(cfg.method, info)
+    if getattr(cfg.model, "weights", None) is not None:  # a missing or mismatched weights file fails here, once
+        from rwray.models import MODELS
+
+        MODELS.build(cfg.model, info)
     if cfg.train.init_from is not None or cfg.train.trainable != "all" or cfg.train.reinit_classifier:
         check_stage(cfg, info)
 

@@ -83,3 +83,20 @@ def status_writer(folder: str | None, rank: int, start_epoch: int) -> Callable[[
         os.replace(tmp, path)
 
     return write
+
+
+def sample_trace(folder: str | None, rank: int) -> Callable[[int, int, "list[int]"], None] | None:
+    """Which samples each rank trained, step by step: one JSON line {pid, epoch, step, ids} appended to
+    <folder>/rank<r>.jsonl after every step. An audit trail for data provenance and for checking that a restarted
+    epoch trains exactly the samples it still owed; off unless the driver had RWRAY_SAMPLE_TRACE_DIR set."""
+    if not folder:
+        return None
+    path = Path(folder) / f"rank{rank}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+
+    def write(epoch: int, step: int, ids: "list[int]") -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps({"pid": pid, "epoch": epoch, "step": step, "ids": ids}) + "\n")
+
+    return write
