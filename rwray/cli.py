@@ -138,7 +138,8 @@ def data_prepare(
                 if not tasks:  # refused before any shard (e.g. --out holds shards): the message alone
                     bar.remove_task(reading)
                 raise
-        counts = {s: m.num_samples(s) for s in ("train", *m.eval_splits)}
+        counts = {s: m.num_samples(s) for s in ("train", "val", "test", *(e for e in m.eval_splits
+                                                                          if e not in ("val", "test")))}
         per_class = m.class_counts("train")
         shown = per_class if len(per_class) <= 20 else f"{min(per_class)}..{max(per_class)} over {len(per_class)} classes"
         console.print(f"wrote {out}: {counts}; train per class {shown}")

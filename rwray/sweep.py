@@ -97,6 +97,10 @@ def sweep(cfg: Config) -> SweepResult:
 
     if cfg.tune is None:
         raise ConfigError(["this job has no tune: block (space, metric, num_samples, ...): see jobs/sweeps/"], cfg.name)
+    if cfg.train.checkpoint_every_steps is not None:
+        # A mid-epoch report would reach Tune as a result without the epoch's metrics (and count as an iteration).
+        raise ConfigError(["train.checkpoint_every_steps: sweeps report once per epoch; leave it unset under "
+                           "`rwray tune` (it is for long single runs)"], cfg.name)
     cfg = resolve_paths(cfg)
     tc = cfg.tune
     with trials.parent_run(cfg, [cfg], {"rwray.sweep": "true"}) as parent:
