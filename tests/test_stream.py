@@ -92,8 +92,12 @@ def test_eval_streams_each_sample_once_in_canonical_order(tmp_path, shards, ray_
         seen += [b.index for b in d.eval("val")]
     ids = torch.cat(seen)
     assert sorted(ids.tolist()) == list(range(m.num_samples("val")))
-    first = torch.cat([b.index for b in Data(cfg, m, torch.device("cpu"), 0, 1, {}).eval("val")])
-    assert first.tolist() == list(range(m.num_samples("val")))  # canonical: storage order = listing order
+    d = Data(cfg, m, torch.device("cpu"), 0, 1, {})
+    first = [(b.index, b.x) for b in d.eval("val")]
+    assert torch.cat([i for i, _ in first]).tolist() == list(range(m.num_samples("val")))  # canonical order
+    again = [(b.index, b.x) for b in d.eval("val")]  # kept decoded after the first pass: the same batches
+    assert "val" in d._eval_kept and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # noqa: SLF001
+                                         for a, b in zip(first, again))
 
 
 # -------------------------------------------------------------------------------------------- real runs, killed

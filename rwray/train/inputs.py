@@ -85,6 +85,7 @@ class Data:
                                     "flip" if d.augment == "flip" else "none", d.color_jitter)
                      if manifest.encoded else None)
         self.splits: dict[str, tuple[list[tuple[int, int, int]], RankStream]] = {}
+        self._eval_kept: dict[str, list[dict[str, torch.Tensor]]] = {}
         for split in ("train", *manifest.eval_splits):
             groups = manifest.row_groups(split)  # [(file, group in file, rows)] in storage order
             files = list(dict.fromkeys(f for f, _, _ in groups))
@@ -132,8 +133,22 @@ class Data:
             for rows in self.eval_rows[split].batches(self.cfg.data.eval_batch_size):
                 yield self.images(rows)
             return
+        if split in self._eval_kept:  # decoded once: the eval transform has no randomness
+            for rows in self._eval_kept[split]:
+                yield self.images(rows)
+            return
         groups, stream = self.splits[split]
+        mine = plan.eval_groups(len(groups), self.rank, self.world)
         items = [{"file": groups[u][0], "group": groups[u][1], "rows": list(range(groups[u][2])), "epoch": 0}
-                 for u in plan.eval_groups(len(groups), self.rank, self.world)]
+                 for u in mine]
+        # Keep this rank's decoded crops (uint8) when they fit in EVAL_KEEP_BYTES: later evaluations skip the
+        # decode and Ray Data's start-up.
+        crop = math.prod(self.info.image_shape)
+        keep = sum(groups[u][2] for u in mine) * crop <= EVAL_KEEP_BYTES
+        kept = []
         for rows in stream.batches(items, self.cfg.data.eval_batch_size):
+            if keep:
+                kept.append(rows)
             yield self.images(rows)
+        if keep:
+            self._eval_kept[split] = kept
