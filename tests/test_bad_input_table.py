@@ -356,6 +356,39 @@ def _remote_output(ctx):
     return {"output_dir": "s3://some-bucket/runs"}
 
 
+def _image_dir(ctx, corrupt: bool = False) -> Path:
+    """A tiny image-folder dataset in the real layout (one truncated JPEG with corrupt=True)."""
+    from image_fixtures import corrupt_image, write_image_folder
+
+    root = ctx.tmp / "images"
+    write_image_folder(root, num_classes=2, per_class=(3, 1, 1))
+    if corrupt:
+        corrupt_image(root / "train" / "class_1" / "001.JPEG")
+    return root
+
+
+def _image_shards(ctx) -> Path:
+    from rwray.data import SOURCES, BuilderParams, prepare
+
+    out = ctx.tmp / "image-shards"
+    prepare(SOURCES["image_folder"].params(root=_image_dir(ctx)), out, BuilderParams(workers=1))
+    return out
+
+
+def _oltr_with_problems(ctx):
+    """ImageNet-LT lists naming two files that do not exist and a label past the class count."""
+    from image_fixtures import write_imagenet_lt
+
+    fx = write_imagenet_lt(ctx.tmp / "ilt")
+    lst = fx["root"] / "ImageNet_LT_train.txt"
+    lines = lst.read_text().splitlines()
+    lines[0] = "train/n00000000/gone_1.JPEG 0"
+    lines[1] = "train/n00000000/gone_2.JPEG 0"
+    lines[2] = lines[2].rsplit(" ", 1)[0] + " 7"
+    lst.write_text("\n".join(lines) + "\n")
+    return {"data__dir": str(ctx.tmp / "ilt-shards"), "data__source": fx["params"], "data__builder": {"workers": 1}}
+
+
 # --------------------------------------------------------------------------------------------------------- the table
 
 
@@ -483,6 +516,28 @@ ROWS = [
     Row("select-metric-needs-bias", "data", "train.select_metric: val/bias/worst_cell_acc on data without bias",
         train(train__select_metric="val/bias/worst_cell_acc"), C.ConfigError,
         ("needs a 'bias' column in the data", "choose val/worst_class_acc")),
+    # image datasets: read and checked before anything is written or trained
+    Row("image-list-problems", "data", "data.source imagenet_lt whose list names 2 missing files and label 7 of 5",
+        train(_oltr_with_problems), DataError,
+        ("3 problems", "ImageNet_LT_train.txt:1: file train/n00000000/gone_1.JPEG does not exist",
+         "ImageNet_LT_train.txt:2:", "label 7 outside [0, 5)")),
+    Row("image-unreadable", "data", "data.source image_folder with one truncated JPEG",
+        train(lambda ctx: {"data__dir": str(ctx.tmp / "img-shards"),
+                           "data__source": {"name": "image_folder", "root": str(_image_dir(ctx, corrupt=True)),
+                                            }, "data__builder": {"workers": 1}}), DataError,
+        ("images that cannot be read", "001.JPEG: unreadable image", "nothing was written")),
+    Row("encoded-in-memory", "data", "data.stream: memory on JPEG shards",
+        train(lambda ctx: {"data__dir": str(_image_shards(ctx)), "data__stream": "memory",
+                           "model": {"name": "simple_conv"}}), C.ConfigError,
+        ("data.stream: memory keeps decoded arrays", "use stream or auto")),
+    Row("rrc-on-arrays", "data", "data.augment: rrc_flip on array (digits) shards", train(data__augment="rrc_flip"),
+        C.ConfigError, ("rrc_flip is for encoded (JPEG) images", "use none, flip or crop_flip")),
+    Row("sampler-streamed", "data", "data.sampler: sqrt with data.stream: stream",
+        train(data__sampler="sqrt", data__stream="stream"), C.ConfigError,
+        ("draws class quotas over the whole split", "use uniform")),
+    Row("weights-missing", "data", "model.weights: a file that does not exist",
+        train(lambda ctx: {"model": {"name": "resnet10", "weights": str(ctx.tmp / "nope.pth")}}),
+        checkpoint.CheckpointError, ("model.weights: no such file", "nope.pth", "Fix: set model.weights")),
     # runtime: the loop's own handlers, exercised without Ray or a GPU
     Row("nan-loss", "runtime", "a model producing NaN logits for sample 31", runtime_train("nan"), NonFiniteLoss,
         ("non-finite loss at epoch 2, step 0, for sample index [31]", "lower optim.lr")),
