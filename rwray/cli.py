@@ -252,7 +252,7 @@ def _comparison(results) -> None:
     for cfg, r in results:
         m = r.metrics
         keys = [best_key(split_key("test", k)) for k in SUMMARY_KEYS]
-        t.add_row(cfg.name, f"{cfg.method.name}/{cfg.method.loss.name}",
+        t.add_row(cfg.name, cfg.method_label,
                   *(f"{100 * m[k]:.1f}" if k in m else "-" for k in keys))
     Console().print(t)
 

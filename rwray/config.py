@@ -223,6 +223,12 @@ class Config(Section):
     reference: Reference | None = None  # the paper's number for this job and its source (used by reports)
 
     @property
+    def method_label(self) -> str:
+        """``method/loss`` (erm/ce, absgd/ldam), or the method alone for those with a fixed objective (rebias)."""
+        loss = getattr(self.method, "loss", None)
+        return f"{self.method.name}/{loss.name}" if loss is not None else self.method.name
+
+    @property
     def remote_output(self) -> bool:
         return "://" in self.output_dir
 

@@ -130,3 +130,9 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 def test_milestones_must_increase():
     problems = _problems({**MINIMAL, "schedule": {"milestones": [160, 120]}})
     assert "milestones must be strictly increasing" in problems[0]
+
+
+def test_method_label_names_the_loss_only_where_there_is_one():
+    """The driver's start line and the summary table print it: methods with a fixed objective have no loss."""
+    assert C.load("jobs/rebias/biased_digits_rebias.yaml").method_label == "rebias"
+    assert C.load("jobs/longtail/digits_erm.yaml").method_label == "erm/ce"

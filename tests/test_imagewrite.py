@@ -97,3 +97,14 @@ def test_imbalance_is_refused_for_image_files(tmp_path):
     with pytest.raises(DataError, match="come with their own splits"):
         prepare(_source(fx["params"]), tmp_path / "x", BuilderParams(imbalance="exp", factor=2))
     assert not (tmp_path / "x").exists()
+
+
+def test_clothing1m_unknown_clean_labels_are_minus_one_and_verify(tmp_path):
+    from image_fixtures import write_clothing1m
+
+    fx = write_clothing1m(tmp_path / "src")
+    m = verify(prepare(_source(fx["params"]), tmp_path / "c1m", BuilderParams(workers=1)).dir)
+    t = pq.read_table(m.shard_paths("train"), columns=["label", "clean_label"])
+    clean = t["clean_label"].to_numpy()
+    assert (clean == -1).any() and (clean >= 0).any()  # known for some noisy-train images only
+    assert m.extra_columns == ["clean_label"]

@@ -132,8 +132,13 @@ def test_smoke_job_is_one_cpu_epoch_on_a_prepared_dir(job):
 def test_noisy_and_biased_smoke_jobs_use_their_methods():
     clothing = C.load(SMOKE / "clothing1m.yaml")
     assert clothing.method.name == "absgd" and clothing.method.lam < 0
+    # the 9-class ImageNet pair at smoke scale: f ResNet-10, g BagNet-18
     imagenet9 = C.load(SMOKE / "imagenet9.yaml")
-    assert imagenet9.method.name in ("rebias", "erm")
+    assert imagenet9.method.name == "rebias" and imagenet9.method.g.name == "bagnet18"
+    paper = [C.load(j) for j in sorted((JOBS / "paper" / "rebias").glob("imagenet9_*.yaml"))]
+    assert {c.model.name for c in paper} == {"resnet18_imagenet", "bagnet18"}  # f (and Biased: g alone)
+    assert all(c.method.g.name == "bagnet18" for c in paper if hasattr(c.method, "g"))
+    assert all(C.load(j).model.name == "resnet10" for j in SMOKE_JOBS)
 
 
 # -------------------------------------------------------------------------------------------- one run, end to end
@@ -168,6 +173,7 @@ def test_imagenet_lt_smoke_job_trains_end_to_end(tmp_path, ray_local):
         assert key == "train/loss" or 0 <= hist[0].value <= 1
     world = cfg.scaling.num_workers
     n_train = m.num_samples("train")
+    assert n_train % world, "the fixture's train split should not divide evenly: the cut is part of the check"
     ranks = plan.epoch_plan(cfg.train.seed, 0, [rows for _, _, rows in m.row_groups("train")], world)
     assert sum(len(r) for r in ranks) == (n_train // world) * world
     assert res.metrics["train/samples"] == (n_train // world) * world

@@ -21,13 +21,13 @@ from rwray import dist
 from rwray.methods.base import Prepare, StepInputs, StepOutput
 from rwray.methods.two_network import (
     AuxOptimParams,
+    GModel,
     TwoNetMethod,
     cross_entropy,
     feature_dim,
     full_precision,
     g_default,
 )
-from rwray.models.simple_conv import SimpleConvParams
 from rwray.registry import Params
 
 
@@ -35,7 +35,7 @@ class LearnedMixinParams(Params):
     name: Literal["learned_mixin"] = "learned_mixin"
     entropy_weight: float = Field(0.36, ge=0, description="w of the +H entropy penalty (Clark et al.)")
     g_pretrain_epochs: int = Field(5, ge=0, description="epochs g trains on CE before it is frozen")
-    g: SimpleConvParams = Field(default_factory=g_default)
+    g: GModel = Field(default_factory=g_default)
     g_optim: AuxOptimParams = Field(default_factory=AuxOptimParams)
 
 

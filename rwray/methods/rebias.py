@@ -42,13 +42,13 @@ from rwray.hsic import MIN_SAMPLES, Estimator, hsic, median_sigma
 from rwray.methods.base import StepInputs, StepOutput
 from rwray.methods.two_network import (
     AuxOptimParams,
+    GModel,
     GlobalRows,
     TwoNetMethod,
     cross_entropy,
     full_precision,
     g_default,
 )
-from rwray.models.simple_conv import SimpleConvParams
 from rwray.registry import Params
 
 
@@ -57,7 +57,7 @@ class ReBiasParams(Params):
     lambda_f: float = Field(1.0, ge=0, description="weight of HSIC(f, g) in f's objective")
     lambda_g: float = Field(1.0, ge=0, description="weight of −HSIC(g, f) in g's objective")
     n_g_updates: int = Field(1, ge=1, description="g updates per batch, before f's update")
-    g: SimpleConvParams = Field(default_factory=g_default, description="the biased network (k = 1)")
+    g: GModel = Field(default_factory=g_default, description="the biased network (k = 1)")
     g_optim: AuxOptimParams = Field(default_factory=AuxOptimParams)
     estimator: Estimator = "unbiased"
     sigma: float | Literal["median"] = Field(1.0, description="RBF width for both feature spaces, or 'median'")

@@ -17,8 +17,8 @@ from torch import nn
 
 from rwray import dist
 from rwray.methods.base import Prepare, StepInputs, StepOutput
-from rwray.methods.two_network import AuxOptimParams, TwoNetMethod, cross_entropy, full_precision, g_default
-from rwray.models.simple_conv import SimpleConvParams
+from rwray.methods.two_network import (AuxOptimParams, GModel, TwoNetMethod, cross_entropy, full_precision,
+                                       g_default)
 from rwray.registry import Params
 
 
@@ -26,7 +26,7 @@ class RUBiParams(Params):
     name: Literal["rubi"] = "rubi"
     question_loss_weight: float = Field(1.0, ge=0, description="weight of CE(fc(g_feat)) in the head's loss")
     n_g_updates: int = Field(1, ge=1)
-    g: SimpleConvParams = Field(default_factory=g_default)
+    g: GModel = Field(default_factory=g_default)
     g_optim: AuxOptimParams = Field(default_factory=AuxOptimParams)
 
 

@@ -32,17 +32,18 @@ begin_epoch), so it needs no state. The loop checkpoints at epoch ends.
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from torch import nn
 
 from rwray import dist
 from rwray.datainfo import DataInfo
 from rwray.methods.base import Method, Prepare, StepInputs
-from rwray.models.simple_conv import SimpleConvNet, SimpleConvParams
+from rwray.models import MODELS, ModelConfig
+from rwray.models.simple_conv import SimpleConvParams
 from rwray.optim import OptimConfig, build_optimizer, step_factor
 from rwray.registry import Params
 
@@ -68,6 +69,15 @@ class AuxOptimParams(Params):
 
 def g_default() -> SimpleConvParams:
     return SimpleConvParams(kernel=1)
+
+
+def _simple_conv_unless_named(v: Any) -> Any:
+    # A g written without a name is a SimpleConvNet (the Biased-MNIST recipe: `g: {kernel: 1}`).
+    return {"name": "simple_conv", **v} if isinstance(v, dict) and "name" not in v else v
+
+
+# The biased network g: any registered model (simple_conv k=1 on Biased MNIST, bagnet18 on 9-class ImageNet).
+GModel = Annotated[ModelConfig, BeforeValidator(_simple_conv_unless_named)]
 
 
 # -------------------------------------------------------------------------------------------------------- helpers
@@ -150,7 +160,7 @@ class TwoNetMethod(Method):
 
     # ----- construction -----------------------------------------------------------------------------------------
     def attach(self, model: nn.Module, prepare: Prepare, device: torch.device) -> None:
-        g = SimpleConvNet(self.params.g, self.info).to(device)
+        g = MODELS.build(self.params.g, self.info).to(device)
         self.g = prepare(g)
         self.opts["g"] = self.aux_optimizer(self.g)
         self.build_heads(model, prepare, device)

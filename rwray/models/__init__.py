@@ -13,6 +13,8 @@ MODELS.add("small_cnn", small_cnn.SmallCNNParams, small_cnn.SmallCNN, "small CNN
 MODELS.add("simple_conv", simple_conv.SimpleConvParams, simple_conv.SimpleConvNet, "ReBias SimpleConvNet: 4 x (k x k conv, norm, ReLU), GAP, linear")
 MODELS.add("resnet10", resnet_imagenet.ResNet10Params, resnet_imagenet.resnet10,
            "ImageNet ResNet-10: torchvision ResNet(BasicBlock, [1, 1, 1, 1]) (ImageNet-LT)")
+MODELS.add("resnet18_imagenet", resnet_imagenet.ResNet18ImageNetParams, resnet_imagenet.resnet18_imagenet,
+           "torchvision ResNet-18 (7x7 stem, max-pool; ReBias's f on 9-class ImageNet)")
 MODELS.add("resnet50", resnet_imagenet.ResNet50Params, resnet_imagenet.resnet50, "torchvision ResNet-50")
 MODELS.add("resnet152", resnet_imagenet.ResNet152Params, resnet_imagenet.resnet152, "torchvision ResNet-152, Places-LT")
 MODELS.add("resnext50_32x4d", resnet_imagenet.ResNeXt50Params, resnet_imagenet.resnext50_32x4d,

@@ -25,12 +25,13 @@ from rwray.models.layers import Norm, head, norm2d
 from rwray.models.weights import WeightsPath, maybe_load
 from rwray.registry import Params
 
-Arch = Literal["resnet10", "resnet50", "resnet152", "resnext50_32x4d"]
+Arch = Literal["resnet10", "resnet18_imagenet", "resnet50", "resnet152", "resnext50_32x4d"]
 
 # name -> (block, blocks per stage, groups, width per group): torchvision's builder arguments; resnet10 has no
 # torchvision builder (it is the Decoupling / OLTR ImageNet-LT backbone).
 ARCHS: dict[str, tuple[type[nn.Module], list[int], int, int]] = {
     "resnet10": (BasicBlock, [1, 1, 1, 1], 1, 64),
+    "resnet18_imagenet": (BasicBlock, [2, 2, 2, 2], 1, 64),  # torchvision's resnet18 ("resnet18" is CIFAR's)
     "resnet50": (Bottleneck, [3, 4, 6, 3], 1, 64),
     "resnet152": (Bottleneck, [3, 8, 36, 3], 1, 64),
     "resnext50_32x4d": (Bottleneck, [3, 4, 6, 3], 32, 4),
@@ -47,6 +48,10 @@ class _ImageNetParams(Params):
 
 class ResNet10Params(_ImageNetParams):
     name: Literal["resnet10"] = "resnet10"
+
+
+class ResNet18ImageNetParams(_ImageNetParams):
+    name: Literal["resnet18_imagenet"] = "resnet18_imagenet"
 
 
 class ResNet50Params(_ImageNetParams):
@@ -102,6 +107,10 @@ def _build(p: _ImageNetParams, info: DataInfo) -> ImageNetResNet:
 
 
 def resnet10(p: ResNet10Params, info: DataInfo) -> ImageNetResNet:
+    return _build(p, info)
+
+
+def resnet18_imagenet(p: ResNet18ImageNetParams, info: DataInfo) -> ImageNetResNet:
     return _build(p, info)
 
 

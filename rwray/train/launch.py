@@ -137,6 +137,6 @@ def start_line(cfg: Config, manifest: Manifest, uri: str, run_id: str, logs: Pat
     per_worker = f"{s.cpus_per_worker:g} CPU" + (f" + {s.gpus_per_worker:g} GPU" if s.use_gpu else "")
     sizes = ", ".join(f"{manifest.num_samples(split)} {split}" for split in ("train", *manifest.eval_splits))
     where = f"; logs: {logs}" if logs is not None else ""
-    return (f"{run_name(cfg)}: {cfg.method.name}/{cfg.method.loss.name} on {Path(cfg.data.dir).name} ({sizes}); "
+    return (f"{run_name(cfg)}: {cfg.method_label} on {Path(cfg.data.dir).name} ({sizes}); "
             f"{s.num_workers} worker{'s' if s.num_workers != 1 else ''} x {per_worker}; "
             f"MLflow run {run_id[:8]} at {uri}{where}")
