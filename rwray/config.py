@@ -56,7 +56,7 @@ class DataConfig(Section):
     memory_limit_gb: float = Field(2.0, gt=0)
     decode_actors: int = Field(2, ge=0)  # per worker, streaming; 0: decode in the train process
     decode_cpus: float = Field(1.0, gt=0)  # logical CPUs each decoding actor reserves
-    prefetch_batches: int = Field(2, ge=1)  # decoded batches a worker keeps ready ahead of the step
+    decode_window: int = Field(2, ge=1)  # pieces (<= 64 rows) in flight per decoding actor: the decode-ahead bound
     # Node labels the decoding actors must run on (e.g. {"node-role": "cpu"} for CPU nodes started with
     # `ray start --labels node-role=cpu`); None: anywhere.
     decode_node_labels: dict[str, str] | None = None

@@ -1,4 +1,4 @@
-"""The streaming input on a real local Ray: JPEG shards decoded on Ray Data actors in the plan's order, the same
+"""The streaming input on a real local Ray: JPEG shards decoded on Ray actors in the plan's order, the same
 samples and crops every time, ranks disjoint and covering the epoch, eval splits scored once; and real training
 runs whose workers are killed mid-epoch, resumed with the same world size and with 2 -> 1 workers, consuming
 exactly the samples an uninterrupted run consumes."""
@@ -120,8 +120,7 @@ def _consumed(trace: dict[int, list[dict]]) -> list[int]:
     return [i for r in sorted(trace) for row in trace[r] for i in row["ids"]]
 
 
-# Decoding in the workers (decode_actors=0) keeps these runs short; the actors give the very same batches (above).
-RUN = {"train": {"epochs": 1, "checkpoint_every_steps": 2, "max_failures": 1}, "data": {"decode_actors": 0}}
+RUN = {"train": {"epochs": 1, "checkpoint_every_steps": 2, "max_failures": 1}, "data": {"decode_actors": 1}}
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ device. Two ways to read, one plan and one resume contract (`rwray.train.plan`):
 
 - memory (small data): the split read once into the worker's memory — one `ray.get` of a small split's table, or
   a Ray Data shard of a larger one (`rayenv.data_sources`) — and cut each epoch by `TrainRows`;
-- stream (data that does not fit, and every encoded-image dataset): only this rank's row groups, decoded on Ray
-  Data CPU actors (`rwray.train.stream`); nothing materialises a split.
+- stream (data that does not fit, and every encoded-image dataset): only this rank's row groups, decoded on CPU
+  actors kept for the run (`rwray.train.stream`); nothing materialises a split.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rwray.data.decode import ImageTransform
 from rwray.train import plan
 from rwray.train.batches import Batch, EvalRows, Images, TrainRows, arrow_rows, step_seed
 from rwray.train.rayenv import quiet_data
-from rwray.train.stream import RankStream
+from rwray.train.stream import DecoderPool, RankStream
 
 EVAL_KEEP_BYTES = 1 << 30
 GIB = 1 << 30
@@ -86,13 +86,18 @@ class Data:
                      if manifest.encoded else None)
         self.splits: dict[str, tuple[list[tuple[int, int, int]], RankStream]] = {}
         self._eval_kept: dict[str, list[dict[str, torch.Tensor]]] = {}
+        readers, groups_of = {}, {}
         for split in ("train", *manifest.eval_splits):
             groups = manifest.row_groups(split)  # [(file, group in file, rows)] in storage order
             files = list(dict.fromkeys(f for f, _, _ in groups))
             at = {f: i for i, f in enumerate(files)}
-            stream = RankStream(files, manifest.columns, transform, split == "train", cfg.train.seed,
-                                d.decode_actors, d.decode_cpus, d.prefetch_batches, d.decode_node_labels)
-            self.splits[split] = ([(at[f], g, n) for f, g, n in groups], stream)
+            readers[split] = (files, manifest.columns, transform, split == "train", cfg.train.seed)
+            groups_of[split] = [(at[f], g, n) for f, g, n in groups]
+        # One pool of decoding actors for every split, kept for the run (`stream.DecoderPool`).
+        pool = (DecoderPool(readers, d.decode_actors, d.decode_cpus, d.decode_window, d.decode_node_labels)
+                if d.decode_actors > 0 else None)
+        for split, args in readers.items():
+            self.splits[split] = (groups_of[split], RankStream(split, args, pool))
 
     def _mine(self, epoch: int, stages: plan.Stages | None) -> np.ndarray:
         """This rank's rows still to train in the epoch, in order: positions in the kept rows (memory) or global
@@ -142,7 +147,7 @@ class Data:
         items = [{"file": groups[u][0], "group": groups[u][1], "rows": list(range(groups[u][2])), "epoch": 0}
                  for u in mine]
         # Keep this rank's decoded crops (uint8) when they fit in EVAL_KEEP_BYTES: later evaluations skip the
-        # decode and Ray Data's start-up.
+        # the decode.
         crop = math.prod(self.info.image_shape)
         keep = sum(groups[u][2] for u in mine) * crop <= EVAL_KEEP_BYTES
         kept = []

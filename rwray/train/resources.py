@@ -288,7 +288,7 @@ def _ask(bundles: list[dict[str, float]]) -> None:
 
 def check_decoders(cfg: Config, nodes: list[Node]) -> None:
     """A streaming run's decoding actors (data.decode_actors per worker, data.decode_cpus each) need CPUs beside
-    the workers': Ray Data would otherwise wait forever for actors no CPU is left for (a hang, not an error)."""
+    the workers': Ray would otherwise wait forever to place actors no CPU is left for (a hang, not an error)."""
     d, s = cfg.data, cfg.scaling
     if d.decode_actors == 0:
         return

@@ -1,15 +1,19 @@
 """Streaming input for data that does not fit in a worker: a rank reads only its pieces of the epoch plan
-(`rwray.train.plan`) — row groups of Parquet shards, rows inside them — decoded and augmented on Ray Data CPU
-actors into uint8 crops, handed to the train loop with a bounded prefetch window. Nothing materialises a split:
-at any time a rank holds the pieces in flight (a few row groups) and ``prefetch_batches`` batches.
+(`rwray.train.plan`) — row groups of Parquet shards, rows inside them — decoded and augmented on CPU actors into
+uint8 crops, handed to the train loop in plan order with a bounded window in flight. Nothing materialises a split:
+at any time a rank holds the pieces in flight (``actors x window``, at most `PIECE_ROWS` rows each) and the batch
+being assembled.
 
-Ray appears once: `RankStream._ray_batches` (a Dataset built inside the train worker, executed in order:
-``preserve_order`` makes the stream's order the plan's). With ``actors=0`` the same reader runs in the train
-process instead (tests, debugging, a machine without spare cores).
+The decoding actors (`DecoderPool`) are plain Ray actors started once per worker and kept for the run, for every
+split. Ray Data was the first engine here, and gave the same batches, but Ray 2.60 starts a new actor pool for every
+execution — every epoch and every evaluation — and each new actor imports torch and torchvision: 6-10 s per epoch per
+worker before the first batch (docs/benchmarks-stream.md). With ``actors=0`` the same reader runs in the train
+process (tests, debugging, a machine without spare cores).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -77,41 +81,81 @@ def rebatch(parts: Iterable[dict[str, np.ndarray]], batch_size: int) -> Iterator
         yield {c: torch.from_numpy(np.concatenate([h[c] for h in held])) for c in held[0]}
 
 
+PIECE_ROWS = 64  # pieces are cut to this many rows: the first batch waits for a few small decodes, not a row group
+
+
+class _Decoder:
+    """One decoding actor: a `PieceReader` per split, built on first use (imports paid once, at start)."""
+
+    def __init__(self, readers: dict[str, tuple]):
+        self.args, self.readers = readers, {}
+
+    def ready(self) -> bool:
+        import torchvision.transforms.v2  # noqa: F401 - the import a first decode would pay
+
+        return True
+
+    def read(self, split: str, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if split not in self.readers:
+            self.readers[split] = PieceReader(*self.args[split])
+        return self.readers[split](batch)
+
+
+class DecoderPool:
+    """``actors`` Ray actors of ``cpus`` CPUs each (on nodes with ``label_selector``), kept for the run. Pieces are
+    dealt round-robin with at most ``window`` in flight per actor and taken back in order: the stream's order is
+    the plan's, and memory is bounded by the window. A lost actor is restarted by Ray and its piece retried."""
+
+    def __init__(self, readers: dict[str, tuple], actors: int, cpus: float, window: int,
+                 label_selector: dict[str, str] | None = None):
+        import ray
+
+        options: dict[str, Any] = {"num_cpus": cpus, "max_restarts": -1, "max_task_retries": -1}
+        if label_selector:
+            options["label_selector"] = label_selector
+        remote = ray.remote(_Decoder).options(**options)
+        self.actors = [remote.remote(readers) for _ in range(actors)]
+        self.window = window
+        self._started = [a.ready.remote() for a in self.actors]  # start-up overlaps the model's build
+
+    def parts(self, split: str, items: list[dict[str, Any]]) -> Iterator[dict[str, np.ndarray]]:
+        import ray
+
+        if self._started:
+            ray.get(self._started)
+            self._started = []
+        pending: deque = deque()
+        todo = iter(enumerate(items))
+        for k, it in todo:
+            pending.append(self.actors[k % len(self.actors)].read.remote(split, _as_batch([it])))
+            if len(pending) >= self.window * len(self.actors):
+                break
+        while pending:
+            out = ray.get(pending.popleft())
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(self.actors[nxt[0] % len(self.actors)].read.remote(split, _as_batch([nxt[1]])))
+            yield out
+
+
 class RankStream:
     """One split as one rank streams it. ``items`` (from `plan.pieces`) name what to read; `batches` yields
-    ``{column: tensor}`` batches in exactly that order."""
+    ``{column: tensor}`` batches in exactly that order, decoded by ``pool`` (None: in this process)."""
 
-    def __init__(self, files: list[str], columns: list[str], transform: ImageTransform | None, train: bool,
-                 seed: int, actors: int, cpus: float, prefetch_batches: int,
-                 label_selector: dict[str, str] | None = None):
-        self.reader_args = (files, columns, transform, train, seed)
-        self.actors, self.cpus, self.prefetch = actors, cpus, prefetch_batches
-        self.label_selector = label_selector
+    def __init__(self, split: str, reader_args: tuple, pool: DecoderPool | None):
+        self.split, self.reader_args, self.pool = split, reader_args, pool
         self._local: PieceReader | None = None
 
     def batches(self, items: list[dict[str, Any]], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        items = [{**it, "rows": it["rows"][i:i + PIECE_ROWS]} for it in items
+                 for i in range(0, len(it["rows"]), PIECE_ROWS)]
         if not items:
             return iter(())
-        if self.actors == 0:
-            if self._local is None:
-                self._local = PieceReader(*self.reader_args)
-            return rebatch((self._local(_as_batch([it])) for it in items), batch_size)
-        return self._ray_batches(items, batch_size)
-
-    def _ray_batches(self, items: list[dict[str, Any]], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        import ray.data
-
-        from rwray.train.rayenv import quiet_data
-
-        quiet_data()
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # the plan's order, whichever actor finishes first
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            PieceReader, batch_size=1, batch_format="numpy", fn_constructor_args=self.reader_args,
-            compute=ray.data.ActorPoolStrategy(size=self.actors), num_cpus=self.cpus,
-            **({"label_selector": self.label_selector} if self.label_selector else {}))
-        return iter(ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=self.prefetch, drop_last=False,
-                                          device="cpu"))
+        if self.pool is not None:
+            return rebatch(self.pool.parts(self.split, items), batch_size)
+        if self._local is None:
+            self._local = PieceReader(*self.reader_args)
+        return rebatch((self._local(_as_batch([it])) for it in items), batch_size)
 
 
 def _as_batch(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
