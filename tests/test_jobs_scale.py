@@ -177,3 +177,26 @@ def test_imagenet_lt_smoke_job_trains_end_to_end(tmp_path, ray_local):
     ranks = plan.epoch_plan(cfg.train.seed, 0, [rows for _, _, rows in m.row_groups("train")], world)
     assert sum(len(r) for r in ranks) == (n_train // world) * world
     assert res.metrics["train/samples"] == (n_train // world) * world
+
+
+# ---------------------------------------------------------------------------------------- the large ABSGD recipes
+
+
+LARGE_JOBS = sorted((JOBS / "large").glob("*.yaml"))
+
+
+def test_large_absgd_recipes_stream_on_gpu_workers_without_a_reference():
+    """jobs/large/: ABSGD recipes on iNaturalist 2018, Clothing1M and iWildCam whose published numbers are unverified
+    (notes/methods.md), so none carries a reference; all stream JPEG shards with per-sample rrc_flip on GPU workers,
+    and Clothing1M is the noisy-label variant (lambda < 0)."""
+    assert sorted(p.stem for p in LARGE_JOBS) == ["absgd_clothing1m", "absgd_inat2018", "absgd_iwildcam"]
+    cfgs = {p.stem: C.load(p) for p in LARGE_JOBS}
+    for stem, cfg in cfgs.items():
+        assert cfg.reference is None, f"{stem}: no verified published number, so no reference"
+        assert cfg.method.name == "absgd", stem
+        assert cfg.scaling.use_gpu, stem
+        d = cfg.data
+        assert d.stream == "stream" and d.augment == "rrc_flip", stem
+        assert d.source is not None and d.source.name in SOURCE_NAMES, stem
+    clothing = cfgs["absgd_clothing1m"]
+    assert clothing.method.lam < 0 and clothing.data.source.train == "noisy"
