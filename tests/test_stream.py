@@ -116,10 +116,6 @@ def _trace(folder: Path) -> dict[int, list[dict]]:
     return out
 
 
-def _consumed(trace: dict[int, list[dict]]) -> list[int]:
-    return [i for r in sorted(trace) for row in trace[r] for i in row["ids"]]
-
-
 RUN = {"train": {"epochs": 1, "checkpoint_every_steps": 2, "max_failures": 1}, "data": {"decode_actors": 1}}
 
 
@@ -164,39 +160,34 @@ def _kill_rank0_after_a_mid_epoch_checkpoint(tmp: Path, run_name: str, box: dict
     return t
 
 
-def _attempts(trace: dict[int, list[dict]], killed: dict) -> list[int]:
-    """Ids trained by the killed attempt up to its checkpoint, then by the attempt that resumed from it."""
-    done_steps = killed["position"]["totals"]["steps"]
-    first_pids = {rows[0]["pid"] for rows in trace.values() if rows}
-    out = []
-    for r in sorted(trace):
-        kept = [row for row in trace[r] if row["pid"] in first_pids and row["step"] < done_steps]
-        out += [i for row in kept for i in row["ids"]]
-    for r in sorted(trace):
-        out += [i for row in trace[r] if row["pid"] not in first_pids for i in row["ids"]]
-    return out
+def _attempts(trace: dict[int, list[dict]], killed: dict) -> dict[int, list[int]]:
+    """Per rank: the ids the killed attempt trained up to its checkpoint, then those of the attempt resumed from it
+    (a killed attempt's steps after the checkpoint were rolled back)."""
+    done = killed["position"]["totals"]["steps"]
+    first = {rows[0]["pid"] for rows in trace.values() if rows}
+    return {r: [i for row in rows if row["pid"] in first and row["step"] < done for i in row["ids"]]
+            + [i for row in rows if row["pid"] not in first for i in row["ids"]] for r, rows in trace.items()}
+
+
+def _traced(monkeypatch, tmp_path: Path, run_name: str) -> tuple[dict, threading.Thread]:
+    monkeypatch.setenv("RWRAY_SAMPLE_TRACE_DIR", str(tmp_path / "trace"))
+    monkeypatch.setenv("RWRAY_WORKER_STATUS_DIR", str(tmp_path / "status"))
+    killed: dict = {}
+    return killed, _kill_rank0_after_a_mid_epoch_checkpoint(tmp_path, run_name, killed)
 
 
 @pytest.mark.timeout(600)
 def test_killed_worker_resumes_the_epoch_exactly(tmp_path, shards, reference, monkeypatch):
     from rwray.train.launch import run
 
-    monkeypatch.setenv("RWRAY_SAMPLE_TRACE_DIR", str(tmp_path / "trace"))
-    monkeypatch.setenv("RWRAY_WORKER_STATUS_DIR", str(tmp_path / "status"))
-    killed: dict = {}
-    t = _kill_rank0_after_a_mid_epoch_checkpoint(tmp_path, "kill", killed)
+    killed, t = _traced(monkeypatch, tmp_path, "kill")
     run(_cfg(tmp_path, shards, **RUN, tracking={"experiment": "stream", "run_name": "kill"}))
     t.join(timeout=30)
     assert "error" not in killed and "position" in killed, killed
     trace = _trace(tmp_path / "trace")
     assert len({row["pid"] for rows in trace.values() for row in rows}) == 4  # two attempts of two ranks
     # per rank, the ids of both attempts (the killed one up to its checkpoint) = the uninterrupted run's, in order
-    done = killed["position"]["totals"]["steps"]
-    for r in (0, 1):
-        first = {trace[r][0]["pid"]}
-        ids = [i for row in trace[r] if row["pid"] in first and row["step"] < done for i in row["ids"]]
-        ids += [i for row in trace[r] if row["pid"] not in first for i in row["ids"]]
-        assert ids == reference[r]
+    assert _attempts(trace, killed) == reference
 
 
 @pytest.mark.timeout(600)
@@ -204,10 +195,7 @@ def test_resume_on_fewer_workers_loses_and_repeats_nothing(tmp_path, shards, ref
     from rwray.errors import RwrayError
     from rwray.train.launch import run
 
-    monkeypatch.setenv("RWRAY_SAMPLE_TRACE_DIR", str(tmp_path / "trace"))
-    monkeypatch.setenv("RWRAY_WORKER_STATUS_DIR", str(tmp_path / "status"))
-    killed: dict = {}
-    t = _kill_rank0_after_a_mid_epoch_checkpoint(tmp_path, "shrink", killed)
+    killed, t = _traced(monkeypatch, tmp_path, "shrink")
     first = _cfg(tmp_path, shards, data=RUN["data"], train={**RUN["train"], "max_failures": 0},
                  tracking={"experiment": "stream", "run_name": "shrink"})
     with pytest.raises((RwrayError, Exception)):  # the worker died and no restart is allowed: the run fails
@@ -218,7 +206,7 @@ def test_resume_on_fewer_workers_loses_and_repeats_nothing(tmp_path, shards, ref
     second = _cfg(tmp_path, shards, **RUN, resume=str(latest), scaling={"num_workers": 1},
                   tracking={"experiment": "stream", "run_name": "shrink-1"})
     run(second)
-    ids = _attempts(_trace(tmp_path / "trace"), killed)
+    ids = [i for rank in _attempts(_trace(tmp_path / "trace"), killed).values() for i in rank]
     want = sorted(i for r in reference for i in reference[r])
     assert len(ids) == len(set(ids)) and sorted(ids) == want  # 2 -> 1 divides: nothing lost, nothing twice
     assert np.array_equal(np.sort(ids), np.arange(60))
