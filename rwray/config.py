@@ -28,7 +28,7 @@ SourceConfig = union_of(SOURCES)
 # Model selection happens on these (validation split only: the test split is reported, never used to choose).
 # Worst-group selection: the worst class, or (data with a bias column) the worst / mean (class, bias) cell.
 SelectMetric = Literal["val/balanced_acc", "val/top1", "val/many_acc", "val/medium_acc", "val/few_acc",
-                       "val/worst_class_acc", "val/bias/worst_cell_acc", "val/bias/cell_mean_acc"]
+                       "val/worst_class_acc", "val/macro_f1", "val/bias/worst_cell_acc", "val/bias/cell_mean_acc"]
 
 
 class Section(BaseModel):
@@ -201,7 +201,7 @@ class Reference(Section):
 
     value: float  # in percent, as papers print it
     metric: Literal["test/top1", "test/balanced_acc", "test/few_acc", "test/many_acc", "test/medium_acc",
-                    "test_unbiased/top1"] = "test/top1"
+                    "test/macro_f1", "test_unbiased/top1", "imagenet_a/top1"] = "test/top1"
     source: str  # paper + table (+ repository when the number is from its README)
 
 

@@ -157,11 +157,25 @@ def summarize_bias_cells(counts: torch.Tensor) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ one split's line
 
 
+def macro_f1(cm: torch.Tensor) -> float:
+    """Mean F1 over the classes present in the split ([K, K] confusion matrix, rows true, columns predicted), as
+    WILDS scores iWildCam (sklearn's f1_score, average="macro", labels = the true labels present). A class never
+    predicted has precision 0 (and so F1 0)."""
+    cm = cm.double()
+    tp, true, pred = cm.diag(), cm.sum(1), cm.sum(0)  # [K] each
+    present = true > 0
+    if not present.any():
+        return float("nan")
+    f1 = 2 * tp / (true + pred).clamp(min=1)  # = 2PR / (P + R); 0 where tp = 0
+    return float(f1[present].mean())
+
+
 def split_metrics(split: str, cm: torch.Tensor, cells: torch.Tensor | None,
                   train_counts: Sequence[int]) -> dict[str, float]:
     """Everything logged for one evaluated split: the [K, K] matrix's summary, each present class's accuracy and,
     when the data has a bias attribute, the [2, K, K_bias] cells' summary."""
     out = {split_key(split, k): v for k, v in summarize(cm, train_counts).items()}
+    out[split_key(split, "macro_f1")] = macro_f1(cm)
     acc = per_class_accuracy(cm)  # [K]; NaN where the split has no sample of the class
     out.update({class_acc_key(split, c): float(a) for c, a in enumerate(acc) if not torch.isnan(a)})
     if not torch.isnan(acc).all():

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from rwray.metrics import confusion_matrix, per_class_accuracy, shot_groups, summarize
@@ -45,3 +46,19 @@ def test_the_worst_class_is_the_lowest_accuracy_of_a_present_class():
     m = split_metrics("val", cm, None, [10, 5, 1])
     assert m["val/worst_class_acc"] == 0.5
     assert "val/worst_class_acc" not in split_metrics("val", torch.zeros(3, 3, dtype=torch.long), None, [1, 1, 1])
+
+
+def test_macro_f1_matches_sklearn_over_the_true_classes_present():
+    """WILDS' iWildCam metric: sklearn f1_score(average="macro", labels=the true labels present)."""
+    from sklearn.metrics import f1_score
+
+    from rwray.metrics import confusion_matrix, macro_f1
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 6, (300,), generator=g)
+    y[y == 4] = 0  # class 4 absent from the truth: left out, though predicted
+    p = torch.where(torch.rand(300, generator=g) < 0.6, y, torch.randint(0, 7, (300,), generator=g))
+    cm = confusion_matrix(p, y, 7)
+    want = f1_score(y.numpy(), p.numpy(), average="macro", labels=sorted(set(y.tolist())))
+    assert macro_f1(cm) == pytest.approx(want, abs=1e-12)
+    assert macro_f1(torch.zeros(3, 3, dtype=torch.int64)) != macro_f1(torch.zeros(3, 3, dtype=torch.int64))  # NaN
