@@ -63,6 +63,8 @@ class DataConfig(Section):
     # Which train samples an epoch visits (rwray.train.sampling): every one once (uniform), or exact class quotas
     # with p_c ∝ 1 (class_balanced), ∝ sqrt(n_c) (sqrt), or moving from n_c to 1 over the epochs (progressive).
     sampler: Sampler = "uniform"
+    # Drop each worker's last, partial batch of an epoch (a batch of one image cannot train BatchNorm).
+    drop_last: bool = False
 
 
 class TrainConfig(Section):

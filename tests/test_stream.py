@@ -52,7 +52,8 @@ def _epoch(cfg: C.Config, rank: int, world: int, epoch: int = 0) -> dict[str, to
     got = list(batches)
     assert len(got) == steps
     out = {"index": torch.cat([b.index for b in got]), "x": torch.cat([b.x for b in got])}
-    assert len(out["index"]) == len(rows)
+    b = cfg.data.batch_size
+    assert len(out["index"]) == (len(rows) // b * b if cfg.data.drop_last else len(rows))
     return out
 
 
@@ -76,6 +77,9 @@ def test_actor_stream_follows_the_plan_and_repeats_exactly(tmp_path, shards, ray
     # in-process decoding gives the very same batches: the crops depend on (seed, epoch, id) only
     inline = _epoch(_cfg(tmp_path, shards, data={"decode_actors": 0}), 0, 2)
     assert torch.equal(inline["index"], a[0]["index"]) and torch.equal(inline["x"], a[0]["x"])
+    # drop_last: every batch full (60 rows / 2 ranks = 30 = 7 x 4 + 2: the 2 are dropped), the same rows before
+    dropped = _epoch(_cfg(tmp_path, shards, data={"decode_actors": 0, "drop_last": True}), 0, 2)
+    assert torch.equal(dropped["index"], a[0]["index"][:28])
     # and a sample gets the same crop whatever the world size
     one = _epoch(_cfg(tmp_path, shards, data={"decode_actors": 0}), 0, 1)
     pos = {int(i): k for k, i in enumerate(one["index"])}

@@ -114,8 +114,10 @@ class Data:
         """(this rank's steps left in the epoch, its batches). ``stages``: where a resumed epoch stands
         (`rwray.train.plan`); ``first_step``: the number of the first batch (seeds its device augmentation)."""
         cfg, k = self.cfg, self.info.num_classes
-        mine = self._mine(epoch, stages)
         b = cfg.data.batch_size
+        mine = self._mine(epoch, stages)
+        if cfg.data.drop_last:  # consumed rows are whole batches, so a resumed epoch drops the same tail
+            mine = mine[:len(mine) // b * b]
         if not self.streaming:
             rows = self.train_rows.take(mine, b)
         else:
