@@ -203,7 +203,8 @@ class Reference(Section):
 
     value: float  # in percent, as papers print it
     metric: Literal["test/top1", "test/balanced_acc", "test/few_acc", "test/many_acc", "test/medium_acc",
-                    "test/macro_f1", "test_unbiased/top1", "imagenet_a/top1"] = "test/top1"
+                    "test/macro_f1", "test/cluster_unbiased_acc", "test_unbiased/top1",
+                    "imagenet_a/top1"] = "test/top1"
     source: str  # paper + table (+ repository when the number is from its README)
 
 

@@ -17,6 +17,7 @@ A leaf: imports nothing from rwray.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -157,6 +158,18 @@ def summarize_bias_cells(counts: torch.Tensor) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ one split's line
 
 
+def cluster_unbiased_acc(counts: torch.Tensor, min_count: int = 10) -> float:
+    """ReBias's 9-class ImageNet "unbiased" accuracy from [R, 2, K, C] counts ((correct, total) per (class, texture
+    cluster) cell, for R clusterings): per clustering, the mean accuracy over cells with at least ``min_count``
+    samples; then the mean over clusterings (clovaai/rebias evaluator). NaN when no cell qualifies."""
+    scores = []
+    for correct, total in counts.double():  # [K, C] each, one clustering at a time
+        keep = total >= min_count
+        if keep.any():
+            scores.append(float((correct[keep] / total[keep]).mean()))
+    return sum(scores) / len(scores) if scores else float("nan")
+
+
 def macro_f1(cm: torch.Tensor) -> float:
     """Mean F1 over the classes present in the split ([K, K] confusion matrix, rows true, columns predicted), as
     WILDS scores iWildCam (sklearn's f1_score, average="macro", labels = the true labels present). A class never
@@ -171,7 +184,7 @@ def macro_f1(cm: torch.Tensor) -> float:
 
 
 def split_metrics(split: str, cm: torch.Tensor, cells: torch.Tensor | None,
-                  train_counts: Sequence[int]) -> dict[str, float]:
+                  train_counts: Sequence[int], clusters: torch.Tensor | None = None) -> dict[str, float]:
     """Everything logged for one evaluated split: the [K, K] matrix's summary, each present class's accuracy and,
     when the data has a bias attribute, the [2, K, K_bias] cells' summary."""
     out = {split_key(split, k): v for k, v in summarize(cm, train_counts).items()}
@@ -182,4 +195,6 @@ def split_metrics(split: str, cm: torch.Tensor, cells: torch.Tensor | None,
         out[split_key(split, WORST_CLASS)] = float(acc[~torch.isnan(acc)].min())  # the worst group, groups = classes
     if cells is not None:
         out.update({bias_key(split, k): v for k, v in summarize_bias_cells(cells.cpu()).items()})
+    if clusters is not None and not math.isnan(score := cluster_unbiased_acc(clusters.cpu())):
+        out[split_key(split, "cluster_unbiased_acc")] = score
     return out

@@ -62,3 +62,36 @@ def test_macro_f1_matches_sklearn_over_the_true_classes_present():
     want = f1_score(y.numpy(), p.numpy(), average="macro", labels=sorted(set(y.tolist())))
     assert macro_f1(cm) == pytest.approx(want, abs=1e-12)
     assert macro_f1(torch.zeros(3, 3, dtype=torch.int64)) != macro_f1(torch.zeros(3, 3, dtype=torch.int64))  # NaN
+
+
+def test_cluster_unbiased_acc_is_the_mean_over_cells_with_ten_samples_then_over_clusterings():
+    """ReBias's 9-class ImageNet unbiased accuracy (clovaai/rebias evaluator), by hand on [R=2, 2, K=2, C=2]."""
+    from rwray.metrics import cluster_unbiased_acc
+
+    correct = torch.tensor([[[9, 1], [5, 0]], [[10, 0], [0, 4]]])
+    total = torch.tensor([[[10, 9], [20, 0]], [[10, 0], [0, 40]]])  # cells under 10 samples do not count
+    counts = torch.stack([correct, total], dim=1)  # [R, 2, K, C]
+    want = ((9 / 10 + 5 / 20) / 2 + (10 / 10 + 4 / 40) / 2) / 2
+    assert cluster_unbiased_acc(counts) == pytest.approx(want, abs=1e-12)
+    assert math.isnan(cluster_unbiased_acc(torch.zeros(1, 2, 2, 2, dtype=torch.int64)))
+
+
+def test_evaluate_counts_cluster_cells_leaving_unknown_clusters_out():
+    from rwray.metrics import split_metrics
+    from rwray.train.batches import Batch
+    from rwray.train.epoch import evaluate
+
+    model = torch.nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(3))
+    x = torch.eye(3)[[0, 1, 2, 0, 1]]  # predictions 0, 1, 2, 0, 1
+    y = torch.tensor([0, 1, 1, 0, 2])  # right, right, wrong, right, wrong
+    c1 = torch.tensor([0, 1, 1, -1, 0])  # the 4th sample has no cluster: left out
+    b = Batch(x, y, torch.arange(5), {"cluster1": c1, "cluster2": torch.zeros(5, dtype=torch.long)})
+    counts = evaluate(model, [b], 3, cluster_columns=("cluster1", "cluster2"), num_clusters=2)
+    assert counts.clusters.shape == (2, 2, 3, 2)
+    assert counts.clusters[0, 1].tolist() == [[1, 0], [0, 2], [1, 0]]  # totals per (class, cluster)
+    assert counts.clusters[0, 0].tolist() == [[1, 0], [0, 1], [0, 0]]
+    assert counts.clusters[1, 1].sum() == 5
+    m = split_metrics("test", counts.cm, None, [1, 1, 1], counts.clusters)
+    assert "test/cluster_unbiased_acc" not in m  # no cell reaches 10 samples here

@@ -149,6 +149,21 @@ class Manifest:
                 out.append((str(self.dir / s["file"]), g, int(rows)))
         return out
 
+    def column_max(self, column: str) -> int:
+        """The largest value of an int column over every split, from the Parquet footers' statistics (-1 if none)."""
+        import pyarrow.parquet as pq
+
+        top = -1
+        for split in self.data["splits"]:
+            for path in self.shard_paths(split):
+                md = pq.ParquetFile(path).metadata
+                j = md.schema.to_arrow_schema().get_field_index(column)
+                for g in range(md.num_row_groups):
+                    stats = md.row_group(g).column(j).statistics
+                    if stats is not None and stats.has_min_max:
+                        top = max(top, int(stats.max))
+        return top
+
     def data_info(self, crop_size: int | None = None) -> DataInfo:
         """What models and methods see; for encoded images the input is the (square) crop of side ``crop_size``."""
         shape = (self.image_shape[0], crop_size, crop_size) if self.encoded and crop_size else self.image_shape

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -181,15 +181,27 @@ def update_metrics(t: EpochTotals, clip_grad_norm: float | None, scaler: torch.a
     return out
 
 
+class EvalCounts(NamedTuple):
+    """What an evaluation pass counts, all-reduced over workers."""
+
+    cm: torch.Tensor  # [K, K] confusion matrix, rows true, columns predicted
+    cells: torch.Tensor | None  # [2, K, K_bias] (correct, total) per (class, bias) cell; data with a bias column
+    clusters: torch.Tensor | None  # [R, 2, K, C] the same per (class, cluster) for R clusterings (cluster1..R)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Batch], num_classes: int, amp: str = "none",
-             num_bias: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Global counts over the batches all workers saw (all-reduced, exact): the confusion matrix [K, K] and, when
-    the data has a bias attribute, (correct, total) per (class, bias) cell [2, K, K_bias]."""
+             num_bias: int | None = None, cluster_columns: tuple[str, ...] = (), num_clusters: int = 0
+             ) -> EvalCounts:
+    """Global counts over the batches all workers saw (all-reduced, exact): the confusion matrix and, when the data
+    has them, (class, bias) cells and (class, texture cluster) cells per clustering (samples with cluster -1, i.e.
+    unknown, are left out of the latter)."""
     model.eval()
     device = next(model.parameters()).device
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     cells = torch.zeros(2, num_classes, num_bias, dtype=torch.int64, device=device) if num_bias else None
+    clusters = (torch.zeros(len(cluster_columns), 2, num_classes, num_clusters, dtype=torch.int64, device=device)
+                if cluster_columns and num_clusters else None)
     for b in batches:
         if len(b.y) == 0:
             continue
@@ -202,4 +214,10 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], num_classes: int, amp: 
         cm += confusion_matrix(preds, b.y, num_classes)
         if cells is not None:
             cells += bias_cell_counts(preds, b.y, b.extras["bias"], num_classes, num_bias)
-    return dist.all_reduce_sum(cm), (dist.all_reduce_sum(cells) if cells is not None else None)
+        if clusters is not None:
+            for r, col in enumerate(cluster_columns):
+                known = b.extras[col] >= 0  # [B]
+                clusters[r] += bias_cell_counts(preds[known], b.y[known], b.extras[col][known], num_classes,
+                                                num_clusters)
+    return EvalCounts(dist.all_reduce_sum(cm), dist.all_reduce_sum(cells) if cells is not None else None,
+                      dist.all_reduce_sum(clusters) if clusters is not None else None)

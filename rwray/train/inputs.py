@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -47,6 +48,9 @@ class Data:
         self.info = info = manifest.data_info(cfg.data.crop_size)
         self.images = Images(info, manifest.mean, manifest.std, device, cfg.train.channels_last)
         self.num_bias = info.num_classes if "bias" in info.extra_columns else None  # bias values index classes
+        # Texture clusterings (9-class ImageNet: cluster1..3, -1 where unknown): scored as ReBias's unbiased accuracy.
+        self.cluster_columns = tuple(sorted(c for c in info.extra_columns if re.fullmatch(r"cluster\d+", c)))
+        self.num_clusters = max((manifest.column_max(c) + 1 for c in self.cluster_columns), default=0)
         self.gen = torch.Generator(device=device)
         self.class_samples = torch.zeros(info.num_classes, dtype=torch.int64)  # [C] this rank's, this epoch
         self.streaming = streams(cfg, manifest)

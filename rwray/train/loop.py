@@ -231,9 +231,10 @@ def run_epoch(w: Worker, data: Data, epoch: int, status: Callable[[int, int], No
         dist.broadcast_module_(w.ema)
     scored = w.ema if w.ema is not None else w.model  # what is evaluated, and so selected
     for split in w.manifest.eval_splits:
-        cm, cells = evaluate(scored, data.eval(split), w.info.num_classes, cfg.train.amp, data.num_bias)
-        cms[split] = cm = cm.cpu()
-        metrics.update(split_metrics(split, cm, cells, w.info.class_counts))
+        counts = evaluate(scored, data.eval(split), w.info.num_classes, cfg.train.amp, data.num_bias,
+                          data.cluster_columns, data.num_clusters)
+        cms[split] = cm = counts.cm.cpu()
+        metrics.update(split_metrics(split, cm, counts.cells, w.info.class_counts, counts.clusters))
     metrics[EPOCH_S] = time.perf_counter() - t0
     metrics[SAMPLES_PER_S] = metrics[TRAIN_SAMPLES] / metrics[EPOCH_S]
     return metrics, select_best(w, epoch, metrics, cms)
