@@ -15,7 +15,6 @@ unreadable image is reported at once; nothing reaches ``out`` unless the whole d
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import io
 import multiprocessing
 import os
@@ -30,7 +29,7 @@ import pyarrow.parquet as pq
 from rwray.data.atomic import dump_manifest, staging
 from rwray.data.decode import open_rgb
 from rwray.data.listing import REQUIRED_SPLITS, FileListing, raise_all
-from rwray.data.manifest import FORMAT, MANIFEST, Manifest
+from rwray.data.manifest import FORMAT, MANIFEST, Manifest, file_sha256
 from rwray.errors import DataError
 
 ENCODING = "jpeg"
@@ -111,7 +110,7 @@ def _write_file(job: _FileJob, tmp: str) -> _FileResult:
             if stop > start:  # an empty split's file holds the schema and no row group
                 writer.write_table(pa.Table.from_arrays(cols, schema=schema), row_group_size=stop - start)
                 groups.append(stop - start)
-    h = hashlib.sha256(path.read_bytes()).hexdigest()
+    h = file_sha256(path)  # in 1 MiB blocks: a shard of full-size JPEGs is hundreds of MB
     return _FileResult(len(job.files), h, groups, problems, sums, sq, pixels)
 
 

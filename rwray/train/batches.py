@@ -48,22 +48,23 @@ class Images:
         return Batch(x, rows["label"].to(self.device).long(), rows["index"].to(self.device).long(), extras)
 
 
-def arrow_rows(table) -> dict[str, torch.Tensor]:
-    """An Arrow table of shard rows -> one tensor per column, as Ray Data's iter_torch_batches hands them out:
-    a fixed-size-list column (the image, C*H*W uint8 a row) as [N, C*H*W], a scalar column as [N]."""
-    import numpy as np
+def column_values(col) -> np.ndarray:
+    """One Arrow column of shard rows -> numpy: a fixed-size-list column (the image, C*H*W uint8 a row) as
+    [N, C*H*W], a scalar column as [N]. May be read-only (a view on Arrow's buffers)."""
     import pyarrow as pa
 
-    out = {}
-    for name, col in zip(table.column_names, table.columns):
-        arr = col.combine_chunks()
-        if pa.types.is_fixed_size_list(arr.type):
-            values = arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
-        else:
-            values = arr.to_numpy(zero_copy_only=False)
-        # A copy: the table's buffers live in the object store and are read-only.
-        out[name] = torch.from_numpy(np.array(values))
-    return out
+    arr = col.combine_chunks()
+    if pa.types.is_fixed_size_list(arr.type):
+        return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def arrow_rows(table) -> dict[str, torch.Tensor]:
+    """An Arrow table of shard rows -> one tensor per column (`column_values`), as Ray Data's iter_torch_batches
+    hands them out."""
+    # A copy: the table's buffers live in the object store and are read-only.
+    return {name: torch.from_numpy(np.array(column_values(col)))
+            for name, col in zip(table.column_names, table.columns)}
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:

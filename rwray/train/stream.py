@@ -6,8 +6,8 @@ being assembled.
 
 The decoding actors (`DecoderPool`) are plain Ray actors started once per worker and kept for the run, for every
 split. Ray Data was the first engine here, and gave the same batches, but Ray 2.60 starts a new actor pool for every
-execution — every epoch and every evaluation — and each new actor imports torch and torchvision: 6-10 s per epoch per
-worker before the first batch (docs/benchmarks-stream.md). With ``actors=0`` the same reader runs in the train
+execution — every epoch and every evaluation — and each new actor imports torch and torchvision: 4-8 s per epoch
+per worker before the first batch (docs/benchmarks-stream.md). With ``actors=0`` the same reader runs in the train
 process (tests, debugging, a machine without spare cores).
 """
 
@@ -20,18 +20,7 @@ import numpy as np
 import torch
 
 from rwray.data.decode import Decoder, ImageTransform
-
-# Arrow columns -> numpy: int64 scalars as [n], a fixed-size-list image (array shards) as [n, C*H*W] uint8.
-
-
-def _column(col) -> np.ndarray:
-    import pyarrow as pa
-
-    arr = col.combine_chunks()
-    if pa.types.is_fixed_size_list(arr.type):
-        return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
-    return arr.to_numpy(zero_copy_only=False)
-
+from rwray.train.batches import column_values
 
 class PieceReader:
     """Reads pieces (file, row group, rows in it, epoch) and returns their rows, images decoded and augmented
@@ -57,11 +46,11 @@ class PieceReader:
         for f, g, rows, epoch in zip(batch["file"], batch["group"], batch["rows"], batch["epoch"]):
             table = self._file(int(f)).read_row_group(int(g), columns=self.columns)
             table = table.take(np.asarray(rows, dtype=np.int64))
-            part = {c: _column(table[c]) for c in self.columns if c != "image"}
+            part = {c: column_values(table[c]) for c in self.columns if c != "image"}
             if self.decode is not None:  # [n] bytes -> [n, 3, S, S] uint8
                 part["image"] = self.decode(table["image"].to_pylist(), part["index"], self.seed, int(epoch))
             else:
-                part["image"] = _column(table["image"])
+                part["image"] = column_values(table["image"])
             parts.append(part)
         return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
 
