@@ -58,7 +58,7 @@ def memory_batches(img, lab, idx, gen):
 def consume(rows_iter, images, gen) -> int:
     n = 0
     for rows in rows_iter:
-        b = images(rows, "crop_flip", 4, gen)
+        b = images(rows, train=True, generator=gen)
         n += len(b.y)
     return n
 
@@ -68,12 +68,12 @@ def bench_ingest(epochs: int = 5) -> dict:
     Each epoch is timed beside one in-memory epoch, order flipped every epoch."""
     import ray
 
-    from rwray.train.batches import Images, TrainRows
+    from rwray.train.batches import Augmentation, Images, TrainRows
     from rwray.train.rayenv import quiet_data
 
     m = shards(5000, "synthetic-50k")
     img, lab, idx = load_train(m)
-    images = Images(m.data_info(), m.mean, m.std, torch.device("cpu"))
+    images = Images(m.data_info(), m.mean, m.std, torch.device("cpu"), aug=Augmentation("crop_flip", 4))
     quiet_data()
     ds = ray.data.read_parquet(m.shard_paths("train"), shuffle=None).materialize()  # as rwray.train.rayenv does
     train = TrainRows(lambda: ds.iter_torch_batches(batch_size=4096, prefetch_batches=2))  # as the loop builds it
@@ -106,7 +106,7 @@ def _epoch(manifest_dir: str, seed: int) -> float:
     from rwray.methods.erm import ERMParams
     from rwray.models import MODELS
     from rwray.models.resnet_cifar import ResNet32Params
-    from rwray.train.batches import Images
+    from rwray.train.batches import Augmentation, Images
     from rwray.train.epoch import train_epoch
 
     m = Manifest.load(manifest_dir)
@@ -116,9 +116,9 @@ def _epoch(manifest_dir: str, seed: int) -> float:
     model = MODELS.build(ResNet32Params(), info)
     method = METHODS.build(ERMParams(), info)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    images = Images(info, m.mean, m.std, torch.device("cpu"))
+    images = Images(info, m.mean, m.std, torch.device("cpu"), aug=Augmentation("crop_flip", 4))
     gen = torch.Generator().manual_seed(seed)
-    batches = (images(r, "crop_flip", 4, gen) for r in memory_batches(img, lab, idx, gen))
+    batches = (images(r, train=True, generator=gen) for r in memory_batches(img, lab, idx, gen))
     t0 = time.perf_counter()
     train_epoch(model, method, opt, batches, epoch=0)
     return time.perf_counter() - t0

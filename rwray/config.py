@@ -12,6 +12,7 @@ from typing import Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from rwray.data.sources import SOURCES
 from rwray.data.splits import BuilderParams
@@ -35,6 +36,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def raise_at_fields(title: str, problems: list[tuple[str, str]]) -> None:
+    """A cross-field check's problems, (field, message) each, raised together so that each is reported at its own
+    dotted path (a plain ValueError would be one problem at the section's path)."""
+    if problems:
+        raise ValidationError.from_exception_data(title, [
+            InitErrorDetails(type=PydanticCustomError("value_error", "{why}", {"why": why}), loc=(field,), input=None)
+            for field, why in problems])
+
+
 class DataConfig(Section):
     dir: Path  # shard directory written by `rwray data prepare`
     source: SourceConfig | None = None  # when set and `dir` holds no shards yet, they are built from it first
@@ -49,6 +59,18 @@ class DataConfig(Section):
     crop_size: int = Field(224, ge=8)  # encoded shards: the square crop the model sees
     eval_resize: int = Field(256, ge=8)  # encoded shards: eval resizes the shorter side to this, then centre-crops
     color_jitter: float = Field(0.4, ge=0, le=1)  # rrc_flip's brightness / contrast / saturation strength
+    # After the geometry, per train sample (torchvision v2, seeded by (seed, epoch, index)): AutoAugment with one
+    # of its learned policy sets, or RandAugment with N ops of magnitude M (0..30).
+    policy: Literal["none", "autoaugment", "randaugment"] = "none"
+    autoaugment_policy: Literal["cifar10", "imagenet", "svhn"] = "cifar10"
+    randaugment_ops: int = Field(2, ge=1, le=14)
+    randaugment_magnitude: int = Field(9, ge=0, le=30)
+    # Cutout: zero one square of this side (pixels of the model's input; 16 on CIFAR) per train image; 0: off.
+    cutout: int = Field(0, ge=0)
+    # mixup / CutMix of each train batch with a permutation of itself, λ ~ Beta(mix_alpha, mix_alpha); the
+    # per-sample loss is mixed alike (methods that support it: ERM, ABSGD).
+    mix: Literal["none", "mixup", "cutmix"] = "none"
+    mix_alpha: float = Field(1.0, gt=0)
     # How a worker reads the train split: memory (read once, kept; small data), stream (row groups of its share of
     # the epoch plan, decoded on Ray Data CPU actors, bounded memory), auto (stream encoded shards and splits over
     # memory_limit_gb on disk).
@@ -86,15 +108,35 @@ class TrainConfig(Section):
     # (a checkpoint_* folder under output_dir; a new run, not a resume), train only the classifier (features
     # frozen, BatchNorm statistics included) or only a per-class scale of its logits (LWS), and/or re-initialise
     # it. cRT = classifier + reinit_classifier + data.sampler=class_balanced; LWS = scales + class_balanced.
+    # τ-norm = none + tau_norm: no training; each class row of the classifier's weight becomes w_k / ‖w_k‖^τ, its
+    # bias 0 (rwray.train.decoupled.apply_tau_norm), and the run evaluates val and test once, as its epoch 0 of 1.
     init_from: Path | None = None
-    trainable: Literal["all", "classifier", "scales"] = "all"  # scales: LWS, the classifier frozen too
+    # scales: LWS, the classifier frozen too; none: an evaluation-only run (needs tau_norm and epochs: 1)
+    trainable: Literal["all", "classifier", "scales", "none"] = "all"
     reinit_classifier: bool = False
+    tau_norm: float | None = Field(None, ge=0)  # τ: 0 keeps the weight rows, 1 makes them unit-norm
 
     @model_validator(mode="after")
     def _second_stage_needs_a_first(self) -> "TrainConfig":
-        if self.init_from is None and (self.trainable != "all" or self.reinit_classifier):
-            raise ValueError("trainable=classifier|scales / reinit_classifier make a second stage: set "
-                             "train.init_from to a checkpoint_* folder of the first stage's run")
+        problems = []  # (field, why + fix): each reported at its own dotted path, all at once
+        if self.init_from is None and (self.trainable != "all" or self.reinit_classifier or self.tau_norm is not None):
+            problems.append(("init_from", "trainable=classifier|scales|none / reinit_classifier / tau_norm make a "
+                             "second stage: set train.init_from to a checkpoint_* folder of the first stage's run"))
+        if self.tau_norm is not None and self.trainable != "none":
+            problems.append(("trainable", f"tau_norm rescales the first stage's classifier without training it: "
+                             f"set train.trainable: none (got {self.trainable})"))
+        if self.trainable == "none":
+            if self.tau_norm is None:
+                problems.append(("tau_norm", "trainable: none trains nothing, and the first stage's own run already "
+                                 "logged that model's metrics: set train.tau_norm (τ >= 0; 1: unit-norm class "
+                                 "weights)"))
+            if self.reinit_classifier:
+                problems.append(("reinit_classifier", "an evaluation-only run (trainable: none) would score a random "
+                                 "classifier: leave it false"))
+            if self.epochs != 1:
+                problems.append(("epochs", f"an evaluation-only run (trainable: none) scores the model once, as its "
+                                 f"epoch 0 of 1: set train.epochs: 1 (got {self.epochs})"))
+        raise_at_fields("TrainConfig", problems)
         return self
     # auto: bf16 autocast on GPU, none on CPU; fp16: float16 autocast with a dynamic loss scale (GradScaler)
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"

@@ -4,7 +4,9 @@ Train: RandomResizedCrop(S) + horizontal flip + ColorJitter(j, j, j, 0) (the Ima
 eval: Resize(R) of the shorter side + CenterCrop(S). The crops stay uint8 (4x less to move than float32) and are
 normalised on the training device.
 
-Randomness is a function of (seed, epoch, index) alone (`sample_seed`): a sample gets the same crop whichever
+Train may add a per-sample policy after those (AutoAugment / RandAugment, `rwray.data.policy`).
+
+Randomness is a function of (seed, epoch, index) alone (`policy.sample_seed`): a sample gets the same crop whichever
 process decodes it, in whatever batch, after any retry or restart. torchvision's transforms draw from torch's global
 generator, so it is seeded per sample (~µs) in the decoding process.
 """
@@ -17,22 +19,9 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from rwray.data.policy import Policy, sample_seed
+
 Augment = Literal["none", "flip", "rrc_flip"]  # none/flip: eval crop (+ flip); rrc_flip: RandomResizedCrop + flip
-
-_MASK = (1 << 64) - 1
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed from (seed, epoch, index): splitmix64 over the three, so nearby ids get unrelated streams.
-    Never Python's hash() (salted per process)."""
-    x = 0
-    for v in (seed, epoch, index):
-        x = (x ^ (v & _MASK)) + 0x9E3779B97F4A7C15 & _MASK
-        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
-        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK
-        x ^= x >> 31
-    return x >> 1
-
 
 def open_rgb(data: bytes):
     """Encoded bytes -> a fully decoded RGB PIL image (grey and CMYK JPEGs converted); raises on a corrupt file."""
@@ -52,19 +41,23 @@ class ImageTransform:
     augment: Augment = "rrc_flip"
     color_jitter: float = 0.4  # brightness, contrast, saturation strength of rrc_flip (0: off)
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop's area range
+    policy: Policy = Policy()  # train only: AutoAugment / RandAugment after the crop, flip and jitter
 
     def pipeline(self, train: bool):
         from torchvision.transforms import v2
 
-        if not train or self.augment == "none":
-            return v2.Compose([v2.Resize(self.resize), v2.CenterCrop(self.size)])
-        if self.augment == "flip":
-            return v2.Compose([v2.Resize(self.resize), v2.CenterCrop(self.size), v2.RandomHorizontalFlip()])
-        steps = [v2.RandomResizedCrop(self.size, scale=self.scale), v2.RandomHorizontalFlip()]
-        if self.color_jitter > 0:
-            j = self.color_jitter
-            steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0))
-        return v2.Compose(steps)
+        eval_crop = [v2.Resize(self.resize), v2.CenterCrop(self.size)]
+        if not train:
+            return v2.Compose(eval_crop)
+        if self.augment == "rrc_flip":
+            steps = [v2.RandomResizedCrop(self.size, scale=self.scale), v2.RandomHorizontalFlip()]
+            if self.color_jitter > 0:
+                j = self.color_jitter
+                steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0))
+        else:
+            steps = eval_crop + ([v2.RandomHorizontalFlip()] if self.augment == "flip" else [])
+        policy = self.policy.transform()
+        return v2.Compose(steps + ([policy] if policy is not None else []))
 
 
 class Decoder:

@@ -41,7 +41,7 @@ from rwray import dist
 from rwray.datainfo import DataInfo
 from rwray.losses import LOSSES, LossConfig
 from rwray.losses.ce import CEParams
-from rwray.methods.base import Method, StepInputs, StepOutput
+from rwray.methods.base import Method, StepInputs, StepOutput, sample_losses
 from rwray.registry import Params
 
 ERM_LAMBDA = 200.0  # λ ≥ this (or unset) means plain ERM, as in the reference code
@@ -116,6 +116,8 @@ def _is_erm(lam: float | None) -> bool:
 
 
 class ABSGD(Method):
+    supports_mix = True  # weights come from the (mixed) per-sample loss; the class table only reports
+
     def __init__(self, params: ABSGDParams, info: DataInfo):
         super().__init__(params, info)
         self.loss = LOSSES.build(params.loss, info)
@@ -146,7 +148,7 @@ class ABSGD(Method):
 
     # ----- step -------------------------------------------------------------------------------------------------
     def step(self, inputs: StepInputs) -> StepOutput:
-        losses = self.loss(inputs.logits, inputs.y)  # [B] with graph
+        losses = sample_losses(self.loss, inputs)  # [B] with graph
         lam = self.active_lam
         metrics: dict[str, float] = {}
         if _is_erm(lam):

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from rwray.data.augment import Mix
 from rwray.datainfo import DataInfo
 
 
@@ -32,6 +33,7 @@ class StepInputs:
     epoch: int
     step: int  # step within the epoch
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # extra shard columns, [B] each
+    mix: Mix | None = None  # mixup / CutMix: second targets and shares; only for methods with supports_mix
 
 
 @dataclass
@@ -50,6 +52,16 @@ def weighted_loss(out: StepOutput) -> torch.Tensor:
     return loss if out.penalty is None else loss + out.penalty
 
 
+def sample_losses(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], inputs: StepInputs) -> torch.Tensor:
+    """The per-sample loss of a batch [B]: loss(logits, y), or for a mixed batch its mix,
+    λ_b·loss(z_b, y_b) + (1 − λ_b)·loss(z_b, y2_b) (for CE, exactly CE against the mixed one-hot target)."""
+    losses = loss(inputs.logits, inputs.y)  # [B]
+    if inputs.mix is None:
+        return losses
+    lam = inputs.mix.lam.to(losses.dtype)
+    return lam * losses + (1.0 - lam) * loss(inputs.logits, inputs.mix.y2)
+
+
 Prepare = Callable[[nn.Module], nn.Module]  # wraps a module for data parallelism (DDP) and moves it to the device
 
 
@@ -63,6 +75,9 @@ class Method:
     # Whether the loop may run the model under torch.compile (train.compile). Methods that hook into the model
     # (per-sample gradient capture, auxiliary networks sharing its graph) say False until checked under compile.
     supports_compile = True
+    # Whether the method trains on mixed batches (data.mix): its loss goes through `sample_losses`, and nothing
+    # else that shapes its update reads the targets (class tables, groups: a mixed sample has no single class).
+    supports_mix = False
 
     def __init__(self, params: Any, info: DataInfo):
         self.params = params

@@ -9,7 +9,7 @@ import torch
 from rwray.datainfo import DataInfo
 from rwray.losses import LOSSES, LossConfig
 from rwray.losses.ce import CEParams
-from rwray.methods.base import Method, StepInputs, StepOutput
+from rwray.methods.base import Method, StepInputs, StepOutput, sample_losses
 from rwray.registry import Params
 
 
@@ -19,6 +19,8 @@ class ERMParams(Params):
 
 
 class ERM(Method):
+    supports_mix = True
+
     def __init__(self, params: ERMParams, info: DataInfo):
         super().__init__(params, info)
         self.loss = LOSSES.build(params.loss, info)
@@ -27,5 +29,5 @@ class ERM(Method):
         self.loss.begin_epoch(epoch)
 
     def step(self, inputs: StepInputs) -> StepOutput:
-        losses = self.loss(inputs.logits, inputs.y)  # [B]
+        losses = sample_losses(self.loss, inputs)  # [B]
         return StepOutput(losses=losses, weights=torch.ones_like(losses).detach())

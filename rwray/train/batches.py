@@ -9,7 +9,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from rwray.data.augment import augment, decode, normalize
+from rwray.data.augment import MIXES, Mix, augment, cutout, decode, normalize
+from rwray.data.policy import Policy, array_pipeline, per_sample
 from rwray.datainfo import DataInfo
 from rwray.train.plan import Stages, current, resume_stages
 from rwray.train.sampling import Sampler, epoch_positions
@@ -23,29 +24,59 @@ class Batch:
     y: torch.Tensor  # [B] int64
     index: torch.Tensor  # [B] int64
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    mix: Mix | None = None  # mixup / CutMix: each sample's second target and its share
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """How train batches are augmented (the data.* fields), in the seeds' order: geometry (array shards; encoded
+    images get theirs where they are decoded), the per-sample policy, Cutout, then mixup / CutMix."""
+
+    kind: str = "none"  # data.augment
+    padding: int = 4  # data.crop_padding
+    policy: Policy = Policy()
+    cutout: int = 0  # side of the zeroed square, pixels of the model's input; 0: off
+    mix: str = "none"  # none | mixup | cutmix
+    mix_alpha: float = 1.0
 
 
 class Images:
     """Turns shard rows (a dict of tensors from Ray Data or any loader) into a `Batch` on the device."""
 
     def __init__(self, info: DataInfo, mean: list[float], std: list[float], device: torch.device,
-                 channels_last: bool = False):
+                 channels_last: bool = False, aug: Augmentation = Augmentation()):
         self.shape = info.image_shape
         self.device = device
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
         self.mean = torch.tensor(mean, device=device)
         self.std = torch.tensor(std, device=device)
+        self.aug = aug
+        # Array shards with a policy: geometry and policy per sample on CPU (torchvision), before the transfer.
+        self._pipe = (array_pipeline(aug.policy, aug.kind, aug.padding, tuple(self.shape[1:]))
+                      if aug.policy.name != "none" else None)
 
-    def __call__(self, rows: dict[str, torch.Tensor], aug: str = "none", padding: int = 0,
-                 generator: torch.Generator | None = None) -> Batch:
-        image = rows["image"].to(self.device, non_blocking=True)
+    def __call__(self, rows: dict[str, torch.Tensor], train: bool = False, generator: torch.Generator | None = None,
+                 seed: int = 0, epoch: int = 0) -> Batch:
+        """Eval rows, or (``train``) train rows augmented with ``generator`` for the batched ops and
+        (seed, epoch, index) for the per-sample ones."""
+        a, image = self.aug, rows["image"]
+        y = rows["label"].to(self.device).long()
         if image.dim() == 4:  # [B, C, S, S] uint8 crops of encoded images: augmented where they were decoded
-            x = image.float().div_(255.0)
-        else:  # [B, C*H*W] uint8 rows of array shards: augmented here, as a batch
-            x = augment(decode(image, self.shape), aug, padding, generator)
+            x = image.to(self.device, non_blocking=True).float().div_(255.0)
+        elif train and self._pipe is not None:  # [B, C*H*W] uint8 rows: per sample here, on CPU
+            u8 = per_sample(self._pipe, image.view(len(image), *self.shape), rows["index"], seed, epoch)
+            x = u8.to(self.device, non_blocking=True).float().div_(255.0)
+        else:  # [B, C*H*W] uint8 rows of array shards: augmented on the device, as a batch
+            x = decode(image.to(self.device, non_blocking=True), self.shape)
+            x = augment(x, a.kind, a.padding, generator) if train else x
+        mix = None
+        if train:
+            x = cutout(x, a.cutout, generator)
+            if a.mix != "none":
+                x, mix = MIXES[a.mix](x, y, a.mix_alpha, generator)
         x = normalize(x, self.mean, self.std).contiguous(memory_format=self.layout)
         extras = {k: v.to(self.device) for k, v in rows.items() if k not in CORE_COLUMNS}
-        return Batch(x, rows["label"].to(self.device).long(), rows["index"].to(self.device).long(), extras)
+        return Batch(x, y, rows["index"].to(self.device).long(), extras, mix)
 
 
 def column_values(col) -> np.ndarray:

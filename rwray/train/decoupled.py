@@ -1,9 +1,10 @@
 """Decoupled training's second stage (Kang et al., "Decoupling Representation and Classifier for Long-Tailed
 Recognition", ICLR 2020): the representation of a first-stage model is kept and only the classifier is trained
-again, usually re-initialised and on class-balanced batches (cRT), or only rescaled per class (LWS).
+again, usually re-initialised and on class-balanced batches (cRT), or only rescaled per class (LWS), or not trained
+at all: τ-normalised (`tau_normalize`), then evaluated.
 
-`prepare_stage` applies train.init_from / trainable / reinit_classifier to a freshly built model, before it is
-wrapped for data parallelism. Every model of the registry names its classifier ``fc``.
+`prepare_stage` applies train.init_from / trainable / reinit_classifier / tau_norm to a freshly built model, before
+it is wrapped for data parallelism. Every model of the registry names its classifier ``fc``.
 
 Frozen means frozen in every respect: no gradient (so no weight decay or momentum moves the features), and every
 module outside the classifier runs in evaluation mode even while the loop trains (BatchNorm uses and keeps its
@@ -70,14 +71,49 @@ class ScaledHead(nn.Module):
         return self.head(x) * self.scale
 
 
+def tau_normalize(weight: torch.Tensor, tau: float) -> torch.Tensor:
+    """τ-normalisation of a linear classifier's weight [K, D] -> [K, D]: each class row w_k / ‖w_k‖₂^τ.
+
+    τ = 0 leaves the rows as they are, τ = 1 gives them unit norm, values between shrink the norm differences that
+    instance-balanced training leaves between head and tail classes (Kang et al. 2020, Sec. 4). A row of norm 0
+    stays 0 (its norm is clamped to the smallest positive float instead of dividing 0 by 0)."""
+    norms = weight.norm(p=2, dim=1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)  # [K, 1]
+    return weight / norms.pow(tau)
+
+
+def apply_tau_norm(head: nn.Module, tau: float) -> None:
+    """τ-normalise a first-stage classifier in place: weight [K, D] as `tau_normalize`, and the bias [K] set to 0.
+
+    The bias is dropped because the reference drops it: classifier-balancing's tau_norm.py loads fc.weight and
+    fc.bias but scores logits = x · ŵ_kᵀ with the normalised weights alone. The bias was learned on the long-tailed
+    data too, so it carries the same head-class prior as the weight norms, and it has no row to normalise; keeping it
+    would leave in part of the imbalance τ-norm removes. It is zeroed rather than removed so the checkpoint still
+    loads into the job's own model (the same state-dict keys and shapes as the first stage). So τ = 0 is the first
+    stage's classifier without its bias, as in the reference, not the first-stage model unchanged."""
+    if not isinstance(head, nn.Linear):  # NormedLinear (cosine head) normalises its weights in forward already
+        raise ConfigError([f"train.tau_norm: the model's classifier is a {type(head).__name__}, not a linear layer "
+                           f"(model.normed_head: true is a cosine classifier whose class vectors are unit-norm in "
+                           f"every forward, so τ-norm would change nothing). Fix: τ-normalise a first stage trained "
+                           f"with the plain linear head (model.normed_head: false)"])
+    with torch.no_grad():
+        head.weight.copy_(tau_normalize(head.weight, tau))  # [K, D]
+        if head.bias is not None:
+            head.bias.zero_()  # [K]
+
+
 def prepare_stage(model: nn.Module, num_classes: int, init_from: Path | None, trainable: str,
-                  reinit_classifier: bool, state: dict | None = None) -> nn.Module:
+                  reinit_classifier: bool, state: dict | None = None, tau_norm: float | None = None) -> nn.Module:
     """The job's second-stage settings applied to a freshly built model (``state``: the checkpoint, when the
-    caller has read it already)."""
+    caller has read it already).
+
+    trainable=none (with tau_norm) trains nothing because its run takes no step (`rwray.train.loop`,
+    evaluation-only); its parameters keep requires_grad, so the optimizer and DDP wrapper are built as for any run."""
     if init_from is not None:
         from rwray.train import checkpoint
 
         load_first_stage(model, state if state is not None else checkpoint.load(init_from), init_from)
+    if tau_norm is not None:
+        apply_tau_norm(classifier_of(model), tau_norm)
     if reinit_classifier:
         for m in classifier_of(model).modules():
             if hasattr(m, "reset_parameters"):

@@ -20,8 +20,9 @@ import torch
 from rwray.config import Config
 from rwray.data import Manifest
 from rwray.data.decode import ImageTransform
+from rwray.data.policy import Policy
 from rwray.train import plan
-from rwray.train.batches import Batch, EvalRows, Images, TrainRows, arrow_rows, step_seed
+from rwray.train.batches import Augmentation, Batch, EvalRows, Images, TrainRows, arrow_rows, step_seed
 from rwray.train.rayenv import quiet_data
 from rwray.train.stream import DecoderPool, RankStream
 
@@ -38,6 +39,16 @@ def streams(cfg: Config, manifest: Manifest) -> bool:
     return manifest.encoded or size > cfg.data.memory_limit_gb * GIB
 
 
+def policy(cfg: Config) -> Policy:
+    d = cfg.data
+    return Policy(d.policy, d.autoaugment_policy, d.randaugment_ops, d.randaugment_magnitude)
+
+
+def augmentation(cfg: Config) -> Augmentation:
+    d = cfg.data
+    return Augmentation(d.augment, d.crop_padding, policy(cfg), d.cutout, d.mix, d.mix_alpha)
+
+
 class Data:
     """This worker's batches: its rows of the train split's (seed, epoch) plan (`data.sampler` in memory), and its
     share of an eval split. Counts the classes of the train rows it hands out (``class_samples``, [C], this epoch)."""
@@ -46,7 +57,7 @@ class Data:
                  tables: dict[str, Any]):
         self.cfg, self.manifest, self.rank, self.world = cfg, manifest, rank, world
         self.info = info = manifest.data_info(cfg.data.crop_size)
-        self.images = Images(info, manifest.mean, manifest.std, device, cfg.train.channels_last)
+        self.images = Images(info, manifest.mean, manifest.std, device, cfg.train.channels_last, augmentation(cfg))
         self.num_bias = info.num_classes if "bias" in info.extra_columns else None  # bias values index classes
         # Texture clusterings (9-class ImageNet: cluster1..3, -1 where unknown): scored as ReBias's unbiased accuracy.
         self.cluster_columns = tuple(sorted(c for c in info.extra_columns if re.fullmatch(r"cluster\d+", c)))
@@ -86,7 +97,7 @@ class Data:
     def _init_streams(self, cfg: Config, manifest: Manifest) -> None:
         d = cfg.data
         transform = (ImageTransform(d.crop_size, d.eval_resize, "rrc_flip" if d.augment == "rrc_flip" else
-                                    "flip" if d.augment == "flip" else "none", d.color_jitter)
+                                    "flip" if d.augment == "flip" else "none", d.color_jitter, policy=policy(cfg))
                      if manifest.encoded else None)
         self.splits: dict[str, tuple[list[tuple[int, int, int]], RankStream]] = {}
         self._eval_kept: dict[str, list[dict[str, torch.Tensor]]] = {}
@@ -135,7 +146,7 @@ class Data:
             for step, r in enumerate(rows, start=first_step):
                 self.class_samples += torch.bincount(r["label"].long(), minlength=k)
                 self.gen.manual_seed(step_seed(cfg.train.seed, self.rank, epoch, step))
-                yield self.images(r, cfg.data.augment, cfg.data.crop_padding, self.gen)
+                yield self.images(r, train=True, generator=self.gen, seed=cfg.train.seed, epoch=epoch)
 
         return -(-len(mine) // b), batches()
 

@@ -9,6 +9,9 @@ Restarts (a lost worker, a preempted driver) replay exactly: the data order of a
 (seed, epoch) alone (`rwray.train.batches.epoch_order`), augmentation and dropout of (seed, rank, epoch), and the
 checkpoint holds the model, optimizer, scheduler, method state and every logged epoch's metrics. An epoch's metrics
 are logged once, after its checkpoint is reported; a restart skips what the restored checkpoint covers.
+
+An evaluation-only run (train.trainable=none: τ-norm, `rwray.train.decoupled`) has one epoch, `evaluate_only`: the
+prepared model scored on the eval splits, with no step and no train batch, then reported like any epoch.
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     trace = sample_trace(job.get("trace_dir"), w.rank)
     data = Data(w.cfg, w.manifest, w.device, w.rank, w.world, job.get("tables", {}))
     for epoch in range(w.start_epoch, w.cfg.train.epochs):
-        metrics, improved = run_epoch(w, data, epoch, status, trace)
+        metrics, improved = (evaluate_only(w, data, epoch) if w.cfg.train.trainable == "none"
+                             else run_epoch(w, data, epoch, status, trace))
         report_epoch(w, epoch, metrics, improved, log)
     if log is not None:
         log_final_artifacts(log, w)
@@ -109,7 +113,7 @@ def build(cfg: Config) -> Worker:
     info = manifest.data_info(cfg.data.crop_size)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     model = prepare_stage(MODELS.build(cfg.model, info), info.num_classes, cfg.train.init_from,
-                          cfg.train.trainable, cfg.train.reinit_classifier)
+                          cfg.train.trainable, cfg.train.reinit_classifier, tau_norm=cfg.train.tau_norm)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
@@ -226,18 +230,36 @@ def run_epoch(w: Worker, data: Data, epoch: int, status: Callable[[int, int], No
         metrics.update({f"{TRAIN_CLASS_SAMPLES}{c}": float(n) for c, n in enumerate(counts)})
     w.sched.step()
     metrics.update(w.method.end_epoch(epoch))
+    cms = evaluate_splits(w, data, metrics)
+    metrics[EPOCH_S] = time.perf_counter() - t0
+    metrics[SAMPLES_PER_S] = metrics[TRAIN_SAMPLES] / metrics[EPOCH_S]
+    return metrics, select_best(w, epoch, metrics, cms)
+
+
+def evaluate_only(w: Worker, data: Data, epoch: int) -> tuple[dict[str, float], bool]:
+    """An evaluation-only run's one epoch (train.trainable=none: τ-norm): the prepared model scored on every eval
+    split as it is — no optimizer step, no batch of the train split, so no train/* metrics. It is reported,
+    checkpointed and selected like a trained epoch (epoch 0 of train.epochs=1), which is what sweeps and tables
+    read."""
+    t0 = time.perf_counter()
+    metrics: dict[str, float] = {}
+    cms = evaluate_splits(w, data, metrics)
+    metrics[EPOCH_S] = time.perf_counter() - t0
+    return metrics, select_best(w, epoch, metrics, cms)
+
+
+def evaluate_splits(w: Worker, data: Data, metrics: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Score every eval split, adding its metrics to ``metrics``. -> the confusion matrices [K, K] by split."""
     cms = {}
     if w.ema is not None:  # its BatchNorm statistics averaged each worker's own: score rank 0's (the checkpoint's)
         dist.broadcast_module_(w.ema)
     scored = w.ema if w.ema is not None else w.model  # what is evaluated, and so selected
     for split in w.manifest.eval_splits:
-        counts = evaluate(scored, data.eval(split), w.info.num_classes, cfg.train.amp, data.num_bias,
+        counts = evaluate(scored, data.eval(split), w.info.num_classes, w.cfg.train.amp, data.num_bias,
                           data.cluster_columns, data.num_clusters)
         cms[split] = cm = counts.cm.cpu()
         metrics.update(split_metrics(split, cm, counts.cells, w.info.class_counts, counts.clusters))
-    metrics[EPOCH_S] = time.perf_counter() - t0
-    metrics[SAMPLES_PER_S] = metrics[TRAIN_SAMPLES] / metrics[EPOCH_S]
-    return metrics, select_best(w, epoch, metrics, cms)
+    return cms
 
 
 def select_best(w: Worker, epoch: int, metrics: dict[str, float], cms: dict[str, torch.Tensor]) -> bool:

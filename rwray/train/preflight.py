@@ -88,7 +88,11 @@ def check_fit(cfg: Config, manifest: Manifest) -> None:
         raise ConfigError([f"train.select_metric: {cfg.train.select_metric} needs a 'bias' column in the data, and "
                            f"{cfg.data.dir} has {', '.join(info.extra_columns) or 'no extra columns'}; choose "
                            f"val/worst_class_acc or val/balanced_acc"])
-    METHODS.build(cfg.method, info)
+    method = METHODS.build(cfg.method, info)
+    if cfg.data.mix != "none" and not method.supports_mix:
+        raise ConfigError([f"data.mix: {cfg.data.mix} trains on mixed samples, which have two targets, and method "
+                           f"{cfg.method.name} reads single targets beyond its loss (groups, class tables); use "
+                           f"data.mix=none, or method erm / absgd"])
     if getattr(cfg.model, "weights", None) is not None:  # a missing or mismatched weights file fails here, once
         from rwray.models import MODELS
 
@@ -113,6 +117,10 @@ def check_input(cfg: Config, manifest: Manifest) -> None:
     elif d.augment == "rrc_flip":
         problems.append("data.augment: rrc_flip is for encoded (JPEG) images; array shards use none, flip or "
                         "crop_flip")
+    side = min(manifest.data_info(d.crop_size).image_shape[1:])
+    if d.cutout > side:
+        problems.append(f"data.cutout: {d.cutout} is larger than the model's input ({side} px a side); use at most "
+                        f"{side} (16 on 32 px CIFAR images)")
     if d.sampler != "uniform" and streams(cfg, manifest):
         problems.append(f"data.sampler: {d.sampler} draws class quotas over the whole split, which the streaming "
                         "input does not hold; use uniform (or data.stream: memory for array shards that fit)")
@@ -122,7 +130,8 @@ def check_input(cfg: Config, manifest: Manifest) -> None:
 
 def check_stage(cfg: Config, info) -> None:
     """A second stage's first-stage checkpoint is readable and holds this job's model (same architecture and
-    class count): the model is built here and the weights loaded, as every worker will."""
+    class count), and train.tau_norm has a linear classifier to rescale: the model is built here and the weights
+    loaded (and τ-normalised), as every worker will."""
     from rwray.models import MODELS
     from rwray.train.decoupled import prepare_stage
 
@@ -131,4 +140,4 @@ def check_stage(cfg: Config, info) -> None:
         state = read_checkpoint(cfg.train.init_from, "train.init_from",
                                 f"a checkpoint_* folder of the first stage's run under {cfg.storage('ray')}")
     prepare_stage(MODELS.build(cfg.model, info), info.num_classes, cfg.train.init_from, cfg.train.trainable,
-                  cfg.train.reinit_classifier, state)
+                  cfg.train.reinit_classifier, state, tau_norm=cfg.train.tau_norm)

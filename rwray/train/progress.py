@@ -60,11 +60,15 @@ class EpochTicker:
 
 
 def progress_line(epoch: int, epochs: int, m: dict[str, float], select: str) -> str:
-    return (f"epoch {epoch + 1:>3}/{epochs}  loss {m[TRAIN_LOSS]:.4f}  lr {m[TRAIN_LR]:.4g}  "
-            f"val bal-acc {100 * m[split_key('val', 'balanced_acc')]:5.1f}  "
+    """An epoch's line; an evaluation-only epoch (train.trainable=none: no train/* metrics) says so instead of its
+    loss, learning rate and throughput."""
+    trained = TRAIN_LOSS in m
+    return (f"epoch {epoch + 1:>3}/{epochs}  "
+            + (f"loss {m[TRAIN_LOSS]:.4f}  lr {m[TRAIN_LR]:.4g}  " if trained else "evaluation only  ")
+            + f"val bal-acc {100 * m[split_key('val', 'balanced_acc')]:5.1f}  "
             f"test bal-acc {100 * m[split_key('test', 'balanced_acc')]:5.1f}  "
-            f"best {select}={100 * m[best_key(select)]:.1f} @ {int(m[BEST_EPOCH]) + 1}  "
-            f"{m[SAMPLES_PER_S]:.0f} samples/s")
+            f"best {select}={100 * m[best_key(select)]:.1f} @ {int(m[BEST_EPOCH]) + 1}"
+            + (f"  {m[SAMPLES_PER_S]:.0f} samples/s" if trained else ""))
 
 
 def status_writer(folder: str | None, rank: int, start_epoch: int) -> Callable[[int, int], None]:
