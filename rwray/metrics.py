@@ -34,6 +34,13 @@ TRAIN_SKIPPED = "train/skipped_frac"  # train.amp=fp16: the fraction of updates 
 TRAIN_CLASS_SAMPLES = "train/class_samples/"  # + class id: the epoch's samples of that class (data.sampler)
 SAMPLES_PER_S = "train/samples_per_s"
 EPOCH_S = "time/epoch_s"
+# Where a worker's training time went, per epoch (train_epoch): blocked waiting for its next batch (input pipeline)
+# vs the rest (forward, backward, update, and the one host sync a step), as means over workers, and the waiting
+# share of the whole; plus each worker's own training throughput (+ rank).
+DATA_WAIT_S = "time/data_wait_s"
+TRAIN_S = "time/train_s"
+DATA_WAIT_FRAC = "time/data_wait_frac"
+WORKER_SAMPLES_PER_S = "train/samples_per_s/worker_"
 WORST_CLASS = "worst_class_acc"  # per split: the lowest accuracy of a class present in it
 BEST_EPOCH = "best/epoch"  # the epoch chosen on validation (train.select_metric)
 SUMMARY_KEYS = ("top1", "balanced_acc", "many_acc", "medium_acc", "few_acc")  # what `summarize` returns, in order

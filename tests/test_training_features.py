@@ -229,3 +229,23 @@ def test_compile_where_it_cannot_run_is_one_message_naming_the_setting():
     with pytest.raises(CompileUnavailable, match="method 'batch_reweight'"):
         compile_model(Tiny(), "batch_reweight", METHODS["batch_reweight"].build.supports_compile, "eager",
                       torch.device("cpu"))
+
+
+def test_an_epoch_reports_where_its_time_went():
+    """time/data_wait_s counts the time spent blocked on the input (here a loader sleeping 50 ms before each of
+    3 batches), time/train_s the whole epoch; the one worker's samples/s is its samples over that."""
+    import time
+
+    from rwray.metrics import DATA_WAIT_FRAC, DATA_WAIT_S, TRAIN_S, WORKER_SAMPLES_PER_S
+
+    def slow():
+        for b in batches():
+            time.sleep(0.05)
+            yield b
+
+    torch.manual_seed(0)
+    model = Tiny()
+    m = train_epoch(model, METHODS.build(ERMParams(), INFO), torch.optim.SGD(model.parameters(), lr=0.1), slow(), 0)
+    assert m[DATA_WAIT_S] >= 0.15 and m[TRAIN_S] >= m[DATA_WAIT_S]
+    assert m[DATA_WAIT_FRAC] == pytest.approx(m[DATA_WAIT_S] / m[TRAIN_S])
+    assert m[f"{WORKER_SAMPLES_PER_S}0"] == pytest.approx(12 / m[TRAIN_S])

@@ -8,8 +8,9 @@ re-raised as `BatchTooLarge`, naming the config field to lower.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -19,12 +20,16 @@ from rwray import dist
 from rwray.errors import BatchTooLarge, NonFiniteLoss
 from rwray.methods import Method, StepInputs, weighted_loss
 from rwray.metrics import (
+    DATA_WAIT_FRAC,
+    DATA_WAIT_S,
     TRAIN_CLIPPED,
     TRAIN_GRAD_NORM,
     TRAIN_LOSS,
     TRAIN_MEAN_WEIGHT,
     TRAIN_SAMPLES,
+    TRAIN_S,
     TRAIN_SKIPPED,
+    WORKER_SAMPLES_PER_S,
     bias_cell_counts,
     confusion_matrix,
 )
@@ -99,6 +104,8 @@ class EpochTotals:
     method: dict[str, float] = field(default_factory=dict)  # method metrics, summed over steps
     norms: list = field(default_factory=list)  # per update, the gradient norm before clipping ([] tensors until saved)
     skipped: list[bool] = field(default_factory=list)  # per update: skipped for fp16 overflow
+    wait_s: float = 0.0  # seconds this worker spent blocked on its next batch
+    train_s: float = 0.0  # seconds in train_epoch, waiting included
 
     def state_dict(self) -> dict:
         return {**vars(self), "norms": [float(n) for n in self.norms]}
@@ -122,9 +129,10 @@ def train_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, ba
     accelerator memory raises `BatchTooLarge` naming data.batch_size."""
     model.train()
     t = totals if totals is not None else EpochTotals()
+    started = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     first = step = t.steps
-    for step, b in enumerate(batches, start=first):
+    for step, b in enumerate(_timed(batches, t), start=first):
         last_micro = (step + 1) % grad_accum == 0
         # DDP all-reduces gradients on every backward; skip it on accumulation steps that do not update.
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
@@ -153,12 +161,38 @@ def train_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, ba
             on_step(step)
     if t.steps % grad_accum != 0 and t.steps > first:  # a trailing partial accumulation still updates
         _record(t, update(model, opt, clip_grad_norm, ema, scaler))
+    t.train_s += time.perf_counter() - started
     device = next(model.parameters()).device
     totals_ = dist.all_reduce_sum(torch.tensor([t.loss_sum, float(t.seen)], dtype=torch.float64, device=device))
     steps = max(t.steps, 1)
     return {TRAIN_LOSS: float(totals_[0] / totals_[1].clamp(min=1)), TRAIN_SAMPLES: float(totals_[1]),
             TRAIN_MEAN_WEIGHT: t.weight_sum / max(t.seen, 1), **update_metrics(t, clip_grad_norm, scaler),
-            **{k: v / steps for k, v in t.method.items()}}
+            **time_metrics(t, device), **{k: v / steps for k, v in t.method.items()}}
+
+
+def _timed(batches: Iterable[Batch], t: EpochTotals) -> Iterator[Batch]:
+    """The batches, with the time spent waiting for each added to t.wait_s (the input pipeline's share)."""
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        b = next(it, None)
+        t.wait_s += time.perf_counter() - t0
+        if b is None:
+            return
+        yield b
+
+
+def time_metrics(t: EpochTotals, device: torch.device) -> dict[str, float]:
+    """Every worker's (wait, train seconds, samples) gathered (a [world, 3] sum, each rank filling its row):
+    the means over workers, the waiting share, and each worker's samples/s."""
+    per = torch.zeros(dist.world_size(), 3, dtype=torch.float64, device=device)
+    per[dist.rank()] = torch.tensor([t.wait_s, t.train_s, float(t.seen)], dtype=torch.float64)
+    per = dist.all_reduce_sum(per).cpu()
+    wait, train, seen = per.T  # [world] each
+    out = {DATA_WAIT_S: float(wait.mean()), TRAIN_S: float(train.mean()),
+           DATA_WAIT_FRAC: float(wait.sum() / train.sum().clamp(min=1e-9))}
+    out.update({f"{WORKER_SAMPLES_PER_S}{r}": float(seen[r] / max(float(train[r]), 1e-9)) for r in range(len(per))})
+    return out
 
 
 def _record(t: EpochTotals, result: tuple[torch.Tensor | None, bool]) -> None:
