@@ -351,6 +351,25 @@ def _other_models_checkpoint(ctx):
     return {"train__init_from": str(folder), "train__trainable": "classifier"}
 
 
+TAU_NORM = {"train__trainable": "none", "train__tau_norm": 1.0, "train__epochs": 1}  # an evaluation-only τ-norm stage
+
+
+def _tau_norm_on_another_model(ctx):
+    return {**_other_models_checkpoint(ctx), **TAU_NORM}
+
+
+def _tau_norm_on_a_cosine_head(ctx):
+    """A first stage of the job's own model, with a cosine classifier (model.normed_head: true)."""
+    from rwray.models import MODELS
+    from rwray.models.small_cnn import SmallCNNParams
+
+    folder = ctx.tmp / "runs" / "ray" / "stage1" / "checkpoint_0"
+    cosine = MODELS.build(SmallCNNParams(width=8, normed_head=True), DataInfo(10, (1,) * 10, (1, 8, 8), 10))
+    checkpoint.save(folder, {"model": cosine.state_dict()}, "")
+    return {"train__init_from": str(folder), **TAU_NORM, "model": {"name": "small_cnn", "width": 8,
+                                                                   "normed_head": True}}
+
+
 def _remote_output(ctx):
     ctx.monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return {"output_dir": "s3://some-bucket/runs"}
@@ -444,6 +463,9 @@ ROWS = [
                                                                      "'val/balanced_acc'")),
     Row("noise-rate-without-kind", "config", "data.builder.noise_rate: 0.2 without label_noise",
         validate(data__builder={"noise_rate": 0.2}), C.ConfigError, ("noise_rate > 0 needs label_noise",)),
+    Row("tau-norm-without-first-stage", "config", "train.tau_norm: 1, trainable: none, no train.init_from",
+        validate(train__trainable="none", train__tau_norm=1.0, train__epochs=1), C.ConfigError,
+        ("train.init_from:", "tau_norm make a second stage", "set train.init_from to a checkpoint_* folder")),
     Row("tune-space-empty", "config", "tune.space: {}", validate(tune={"space": {}}), C.ConfigError,
         ("tune.space is empty", "give at least one dotted path")),
     Row("tune-choice-empty", "config", "tune.space.optim.lr: {choice: []}",
@@ -513,6 +535,13 @@ ROWS = [
     Row("second-stage-other-model", "data", "train.init_from: a checkpoint of a wider small_cnn",
         train(_other_models_checkpoint), C.ConfigError,
         ("holds another model than this job's", "size mismatch", "Fix: point it at a checkpoint of the same model")),
+    Row("tau-norm-other-model", "data", "train.tau_norm: 1 on a checkpoint of a wider small_cnn",
+        train(_tau_norm_on_another_model), C.ConfigError,
+        ("holds another model than this job's", "size mismatch", "Fix: point it at a checkpoint of the same model")),
+    Row("tau-norm-cosine-head", "data", "train.tau_norm: 1 on a first stage with a cosine classifier",
+        train(_tau_norm_on_a_cosine_head), C.ConfigError,
+        ("train.tau_norm: the model's classifier is a NormedLinear", "τ-norm would change nothing",
+         "Fix: τ-normalise a first stage trained with the plain linear head")),
     Row("select-metric-needs-bias", "data", "train.select_metric: val/bias/worst_cell_acc on data without bias",
         train(train__select_metric="val/bias/worst_cell_acc"), C.ConfigError,
         ("needs a 'bias' column in the data", "choose val/worst_class_acc")),

@@ -75,7 +75,7 @@ def tau_normalize(weight: torch.Tensor, tau: float) -> torch.Tensor:
     """τ-normalisation of a linear classifier's weight [K, D] -> [K, D]: each class row w_k / ‖w_k‖₂^τ.
 
     τ = 0 leaves the rows as they are, τ = 1 gives them unit norm, values between shrink the norm differences that
-    instance-balanced training leaves between head and tail classes (Kang et al. 2020, Sec. 4). A row of norm 0
+    instance-balanced training leaves between head and tail classes (Kang et al. 2020). A row of norm 0
     stays 0 (its norm is clamped to the smallest positive float instead of dividing 0 by 0)."""
     norms = weight.norm(p=2, dim=1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)  # [K, 1]
     return weight / norms.pow(tau)
