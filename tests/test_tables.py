@@ -100,9 +100,11 @@ def test_every_table_and_row_validates(table):
 
 @pytest.mark.parametrize("table", RESULTS_TABLES, ids=_ids(RESULTS_TABLES))
 def test_results_tables_reuse_digits_rows(table):
-    """The tables behind docs/results.md run here in minutes: each row is a digits sibling some digits table lists."""
-    strays = [j for j in rows(table) if j not in DIGITS_ROWS]
-    assert not strays, f"{table.name}: rows that are no digits table's row: {strays}"
+    """The tables behind docs/results.md run here in minutes: each row is a digits sibling some digits table lists,
+    or (a comparison no paper table holds, e.g. GroupDRO / JTT) a job on digits-scale data."""
+    strays = [j for j in rows(table) if j not in DIGITS_ROWS
+              and C.load(j).data.source.name not in ("digits", "biased-digits")]
+    assert not strays, f"{table.name}: rows that are neither a digits table's row nor on digits data: {strays}"
 
 
 def test_table_names_unique():
