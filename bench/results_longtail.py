@@ -39,26 +39,44 @@ JOBS = ROOT / "jobs" / "longtail"
 SECTION = "## Long-tailed digits: ERM vs reweighting"
 KEY = "results-longtail-digits"  # the section's markers in docs/results.md (rwray.report.replace_section)
 
-# key -> (label in the table, job file). Order = row order.
+# key -> (label in the table, job file). Order = row order; a second stage comes after the first stage it starts from.
 METHODS = {
     "erm": ("ERM (CE)", "digits_erm.yaml"),
     "balanced_softmax": ("Balanced Softmax", "digits_balanced_softmax.yaml"),
+    "bs_autoaugment": ("Balanced Softmax + AutoAugment + Cutout", "digits_balanced_softmax.yaml"),
     "absgd": ("ABSGD (CE)", "digits_absgd.yaml"),
     "ldam_drw": ("LDAM-DRW", "digits_ldam_drw.yaml"),
     "absgd_bs": ("ABSGD + Balanced Softmax", "digits_absgd_balanced_softmax.yaml"),
     "cb_sampler": ("ERM, class-balanced sampling", "digits_class_balanced.yaml"),
     "sqrt_sampler": ("ERM, square-root sampling", "digits_sqrt_sampler.yaml"),
+    "crt": ("cRT on the ERM model", "digits_crt.yaml"),
+    "lws": ("LWS on the ERM model", "digits_lws.yaml"),
+    "tau_norm": ("τ-norm on the ERM model", "digits_tau_norm.yaml"),
 }
+# Overrides of a row beyond its job file: the official Balanced Meta-Softmax augmentation, scaled to 8 px images.
+EXTRA = {"bs_autoaugment": ["data.policy=autoaugment", "data.autoaugment_policy=cifar10", "data.cutout=4"]}
+STAGE1 = "erm"  # decoupled second stages start from this method's final checkpoint of the same IF and seed
+STAGE2 = ("crt", "lws", "tau_norm")  # their own epochs (the job's), not --epochs
 TUNED = "absgd"  # λ tuned on val for this method ...
 SHARES_LAMBDA = "absgd_bs"  # ... and reused by this one
+TAU = "tau_norm"  # τ tuned on val (seed 0), like λ
+PARAM = {TUNED: "lam", SHARES_LAMBDA: "lam", TAU: "tau"}  # the tuned value's name in run keys
 
 
-def run_key(method: str, factor: int, seed: int, lam: float | None) -> str:
-    return f"{method}/if{factor}/s{seed}" + (f"/lam{lam:g}" if lam is not None else "")
+def run_key(method: str, factor: int, seed: int, value: float | None) -> str:
+    return f"{method}/if{factor}/s{seed}" + (f"/{PARAM[method]}{value:g}" if value is not None else "")
 
 
-def build_config(method: str, factor: int, seed: int, args: argparse.Namespace, lam: float | None = None):
-    """The job file + the overrides that make it this cell of the grid. Same data/model/optim for every method."""
+def chosen(res: dict, method: str, factor: int) -> float | None:
+    """The tuned value a method's rows use (λ, τ), or None for methods with nothing tuned."""
+    table = {"lam": "lambda", "tau": "tau"}.get(PARAM.get(method, ""))
+    return res.get(table, {}).get(str(factor), {}).get("chosen") if table else None
+
+
+def build_config(method: str, factor: int, seed: int, args: argparse.Namespace, value: float | None = None,
+                 init_from: str | None = None):
+    """The job file + the overrides that make it this cell of the grid. Same data/model/optim for every method;
+    ``value`` is the tuned λ or τ, ``init_from`` a second stage's first-stage checkpoint."""
     from rwray import config as C
 
     out = args.out.resolve()
@@ -70,16 +88,20 @@ def build_config(method: str, factor: int, seed: int, args: argparse.Namespace, 
         "data.builder.val_per_class=15",
         "data.builder.seed=0",  # the data split is fixed: seeds vary the training only (paired comparisons)
         f"train.seed={seed}",
-        f"train.epochs={args.epochs}",
         "train.select_metric=val/balanced_acc",
         f"scaling.num_workers={args.workers}",
         f"tracking.experiment=longtail-digits-if{factor}",
-        f"tracking.run_name={method}-if{factor}-seed{seed}" + (f"-lam{lam:g}" if lam is not None else ""),
+        f"tracking.run_name={method}-if{factor}-seed{seed}" + (f"-{PARAM[method]}{value:g}" if value is not None else ""),
+        *EXTRA.get(method, []),
     ]
+    if method not in STAGE2:
+        overrides.append(f"train.epochs={args.epochs}")
+    if init_from is not None:
+        overrides.append(f"train.init_from={init_from}")
     if method == "ldam_drw":  # deferred re-weighting at ~2/3 of training, whatever the epoch count
         overrides.append(f"method.loss.drw_epoch={round(2 * args.epochs / 3)}")
-    if lam is not None:
-        overrides.append(f"method.lam={lam}")
+    if value is not None:
+        overrides.append(f"{'method.lam' if PARAM[method] == 'lam' else 'train.tau_norm'}={value}")
     return C.load(JOBS / METHODS[method][1], overrides)
 
 
@@ -153,6 +175,7 @@ def execute(cfg, key: str, res: dict, path: Path, progress: dict) -> dict | None
         r = run(cfg)
         m = r.metrics
         rec = {"run_id": r.run_id, "seconds": time.perf_counter() - t0, "best_epoch": int(m["best/epoch"]),
+               "checkpoint": r.checkpoint_path,
                "code": res["meta"].get("code_sha256_12"), "val_tail_mean": val_tail_mean(r.tracking_uri, r.run_id),
                "val_balanced_acc": m["best/val/balanced_acc"],
                **{f"test_{k}": m.get(f"best/test/{k}") for k in ("balanced_acc", "few_acc", "medium_acc", "many_acc", "top1")}}
@@ -219,42 +242,56 @@ def run_all(args: argparse.Namespace, res: dict, path: Path) -> None:
         print(f"IF {f}: train per class {list(counts)}, val {manifest.num_samples('val')}, "
               f"test {manifest.num_samples('test')}", flush=True)
 
-    grid = args.lambdas
-    n_total = len(args.factors) * (len(grid) + (args.seeds - 1) + (len(METHODS) - 1) * args.seeds)
+    grid, taus = args.lambdas, args.taus
+    per_seed = len(METHODS) - 1  # every method but the tuned one once a seed; + the grids on seed 0
+    n_total = len(args.factors) * (len(grid) + len(taus) + (args.seeds - 1) * 2 + (per_seed - 1) * args.seeds)
     progress = {"done": 0, "total": n_total, "spent": 0.0, "t0": t_start}
 
-    # Phase 1: λ for ABSGD, per imbalance factor, on seed 0, chosen on validation.
-    for f in args.factors:
+    def pick(name: str, table: str, method: str, values: list[float], f: int, init_from: str | None = None) -> None:
+        """Tune one value on seed 0, on validation only: the best selected-epoch val balanced accuracy; ties broken
+        by the mean val balanced accuracy of the last 5 epochs, then by grid order (max keeps the first)."""
         scores, tails = {}, {}
-        for lam in grid:
-            rec = execute(build_config(TUNED, f, 0, args, lam), run_key(TUNED, f, 0, lam), res, path, progress)
+        for v in values:
+            rec = execute(build_config(method, f, 0, args, v, init_from), run_key(method, f, 0, v), res, path, progress)
             if rec and "error" not in rec:
-                scores[lam], tails[lam] = rec["val_balanced_acc"], rec.get("val_tail_mean") or 0.0
+                scores[v], tails[v] = rec["val_balanced_acc"], rec.get("val_tail_mean") or 0.0
         if not scores:
-            print(f"IF {f}: every ABSGD tuning run failed; ABSGD rows stay empty", flush=True)
-            continue
-        # Validation only: the best selected-epoch val balanced accuracy; ties broken by the mean val balanced
-        # accuracy of the last 5 epochs, then by grid order (max keeps the first of equal keys).
-        best = max(scores, key=lambda l: (round(scores[l], 6), round(tails[l], 6)))
-        res["lambda"][str(f)] = {"chosen": best, "val_balanced_acc": {f"{l:g}": scores.get(l) for l in grid},
-                                 "val_tail_mean": {f"{l:g}": tails.get(l) for l in grid}}
+            print(f"IF {f}: every {method} tuning run failed; its rows stay empty", flush=True)
+            return
+        best = max(scores, key=lambda v: (round(scores[v], 6), round(tails[v], 6)))
+        res[table][str(f)] = {"chosen": best, "val_balanced_acc": {f"{v:g}": scores.get(v) for v in values},
+                              "val_tail_mean": {f"{v:g}": tails.get(v) for v in values}}
         save_results(path, res)
-        print(f"IF {f}: ABSGD lambda {best:g} chosen on val (best-epoch val bal / last-5 mean: "
-              + ", ".join(f"{l:g}: {100 * scores[l]:.1f} / {100 * tails[l]:.1f}" for l in scores) + ")", flush=True)
+        print(f"IF {f}: {method} {name} {best:g} chosen on val (best-epoch val bal / last-5 mean: "
+              + ", ".join(f"{v:g}: {100 * scores[v]:.1f} / {100 * tails[v]:.1f}" for v in scores) + ")", flush=True)
 
-    # Phase 2: every method x seed, seed-major so machine-load drift is spread over the methods.
+    def stage1(f: int, seed: int) -> str | None:
+        rec = execute(build_config(STAGE1, f, seed, args), run_key(STAGE1, f, seed, None), res, path, progress)
+        return rec.get("checkpoint") if rec and "error" not in rec else None
+
+    # Phase 1: λ for ABSGD and τ for τ-norm (on the seed-0 ERM model), per imbalance factor, on seed 0.
+    res.setdefault("tau", {})
+    for f in args.factors:
+        pick("lambda", "lambda", TUNED, grid, f)
+        first = stage1(f, 0)
+        if first is not None:
+            pick("tau", "tau", TAU, taus, f, first)
+
+    # Phase 2: every method x seed, seed-major so machine-load drift is spread over the methods; a second stage
+    # after the ERM run of its seed.
     for seed in range(args.seeds):
         for f in args.factors:
-            lam = res["lambda"].get(str(f), {}).get("chosen")
+            first = stage1(f, seed)
             for method in METHODS:
-                uses_lam = method in (TUNED, SHARES_LAMBDA)
-                if uses_lam and lam is None:
+                value = chosen(res, method, f)
+                if method in PARAM and value is None or method in STAGE2 and first is None:
                     continue
-                key = run_key(method, f, seed, lam if uses_lam else None)
-                execute(build_config(method, f, seed, args, lam if uses_lam else None), key, res, path, progress)
+                key = run_key(method, f, seed, value)
+                execute(build_config(method, f, seed, args, value, first if method in STAGE2 else None), key, res,
+                        path, progress)
 
     res["meta"].update({"seconds_total": time.perf_counter() - t_start, "epochs": args.epochs, "workers": args.workers,
-                        "seeds": args.seeds, "factors": args.factors, "lambda_grid": grid,
+                        "seeds": args.seeds, "factors": args.factors, "lambda_grid": grid, "tau_grid": taus,
                         "finished_utc": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}",
                         "load_avg_end": os.getloadavg()[0]})
     save_results(path, res)
@@ -264,13 +301,11 @@ def run_all(args: argparse.Namespace, res: dict, path: Path) -> None:
 
 
 def cell_values(res: dict, method: str, factor: int, seeds: int, metric: str) -> list[float | None]:
-    lam = res["lambda"].get(str(factor), {}).get("chosen")
-    lam = lam if method in (TUNED, SHARES_LAMBDA) else None
-    out = []
-    for s in range(seeds):
-        rec = res["runs"].get(run_key(method, factor, s, lam)) if (lam is not None or method not in (TUNED, SHARES_LAMBDA)) else None
-        out.append(None if rec is None or "error" in rec else rec[metric])
-    return out
+    value = chosen(res, method, factor)
+    if method in PARAM and value is None:
+        return [None] * seeds
+    recs = [res["runs"].get(run_key(method, factor, s, value)) for s in range(seeds)]
+    return [None if rec is None or "error" in rec else rec[metric] for rec in recs]
 
 
 def paired_delta(a: list, b: list) -> str:
@@ -321,6 +356,14 @@ def section(res: dict, args: argparse.Namespace) -> str:
         "ABSGD + CE (not tuned separately).",
         "- Class-balanced / square-root sampling: ERM (CE) on epochs that draw exact class quotas ∝ 1 / ∝ √n_c "
         "(`data.sampler`), same epoch length.",
+        "- Balanced Softmax + AutoAugment + Cutout: the Balanced Meta-Softmax recipe's augmentation, scaled to 8 px: "
+        "torchvision's AutoAugment (CIFAR-10 policy) per sample, then one 4 x 4 Cutout square.",
+        "- Decoupled second stages (Kang et al. 2020) on the final ERM model of the same seed (features and BatchNorm "
+        "statistics frozen): cRT re-draws the classifier and trains it 10 epochs on class-balanced epochs; LWS "
+        "learns one scale per class, 10 class-balanced epochs; τ-norm trains nothing, it divides each class's "
+        "weight vector by its norm to the power τ, τ chosen on validation (below). Their selected epoch is of the "
+        "second stage; the ERM row's test numbers are at its own validation-selected epoch, not the final one "
+        "the second stages start from.",
         "",
         f"**Code.** Every run imported one frozen copy of `rwray` (source hash "
         f"{', '.join(sorted({r.get('code') or '?' for r in res['runs'].values()}))}; git HEAD "
@@ -329,22 +372,10 @@ def section(res: dict, args: argparse.Namespace) -> str:
         "the benchmark could not mix versions.",
         "",
     ]
-    lam_rows = ["| IF | " + " | ".join(f"λ = {l:g}" for l in args.lambdas) + " | chosen |",
-                "|---|" + "---:|" * len(args.lambdas) + "---:|"]
-    for f in factors:
-        info = res["lambda"].get(str(f))
-        if not info:
-            lam_rows.append(f"| {f} | " + " | ".join("—" for _ in args.lambdas) + " | — |")
-            continue
-        vals, tails = info["val_balanced_acc"], info.get("val_tail_mean", {})
-
-        def cell(l: float) -> str:
-            v, t = vals.get(f"{l:g}"), tails.get(f"{l:g}")
-            return "—" if v is None else f"{100 * v:.1f}" + ("" if t is None else f" / {100 * t:.1f}")
-
-        lam_rows.append(f"| {f} | " + " | ".join(cell(l) for l in args.lambdas) + f" | {info['chosen']:g} |")
-    lines += ["ABSGD λ selection (seed 0; validation balanced accuracy at the selected epoch / mean over the last 5 "
-              "epochs, %; the second number only breaks ties of the first, then grid order):", "", *lam_rows, ""]
+    lines += ["ABSGD λ and τ-norm τ selection (seed 0; validation balanced accuracy at the selected epoch / mean over "
+              "the last 5 epochs, %; the second number only breaks ties of the first, then grid order):", "",
+              *grid_rows(res, "lambda", "λ", args.lambdas, factors), "", *grid_rows(res, "tau", "τ", args.taus, factors),
+              ""]
 
     head = "| method | " + " | ".join(f"IF {f} balanced acc | IF {f} few-shot acc" for f in factors) + " |"
     lines += [f"**Test accuracy (%) at the validation-selected epoch, mean ± std over {seeds} seeds:**", "", head,
@@ -372,10 +403,10 @@ def section(res: dict, args: argparse.Namespace) -> str:
               "|---|---:|" + "---|" * seeds]
     for m, (label, _) in METHODS.items():
         for f in factors:
-            lam = res["lambda"].get(str(f), {}).get("chosen") if m in (TUNED, SHARES_LAMBDA) else None
+            value = chosen(res, m, f)
             cells = []
             for s in range(seeds):
-                rec = res["runs"].get(run_key(m, f, s, lam)) if (lam is not None or m not in (TUNED, SHARES_LAMBDA)) else None
+                rec = res["runs"].get(run_key(m, f, s, value)) if (value is not None or m not in PARAM) else None
                 if rec is None:
                     cells.append("—")
                 elif "error" in rec:
@@ -393,6 +424,24 @@ def section(res: dict, args: argparse.Namespace) -> str:
               "epoch selection is itself noisy. This is a small CPU smoke-scale comparison, not a reproduction of "
               "the papers' CIFAR-LT numbers (jobs/longtail/cifar10_lt_*.yaml are the recipes for that).", ""]
     return "\n".join(lines)
+
+
+def grid_rows(res: dict, table: str, symbol: str, values: list[float], factors: list[int]) -> list[str]:
+    rows = ["| IF | " + " | ".join(f"{symbol} = {v:g}" for v in values) + " | chosen |",
+            "|---|" + "---:|" * len(values) + "---:|"]
+    for f in factors:
+        info = res.get(table, {}).get(str(f))
+        if not info:
+            rows.append(f"| {f} | " + " | ".join("—" for _ in values) + " | — |")
+            continue
+        vals, tails = info["val_balanced_acc"], info.get("val_tail_mean", {})
+
+        def cell(v: float) -> str:
+            a, t = vals.get(f"{v:g}"), tails.get(f"{v:g}")
+            return "—" if a is None else f"{100 * a:.1f}" + ("" if t is None else f" / {100 * t:.1f}")
+
+        rows.append(f"| {f} | " + " | ".join(cell(v) for v in values) + f" | {info['chosen']:g} |")
+    return rows
 
 
 def _paired(res: dict, args: argparse.Namespace, m: str, base: str, f: int, metric: str) -> list[float]:
@@ -458,6 +507,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--factors", type=int, nargs="+", default=[10, 50])
     ap.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 3.0], help="ABSGD λ grid, tuned on val, seed 0")
+    ap.add_argument("--taus", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0],
+                    help="τ-norm grid, tuned on val, seed 0")
     ap.add_argument("--workers", type=int, default=1, help="Ray Train workers per run")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="git-ignored output folder")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
@@ -472,7 +523,8 @@ def main() -> None:
         for f in args.factors:
             for m in METHODS:
                 for s in range(args.seeds):
-                    cfg = build_config(m, f, s, args, args.lambdas[0] if m in (TUNED, SHARES_LAMBDA) else None)
+                    value = {"lam": args.lambdas[0], "tau": args.taus[0]}.get(PARAM.get(m, ""))
+                    cfg = build_config(m, f, s, args, value, "runs/ray/STAGE-1/checkpoint_000000" if m in STAGE2 else None)
                     print(f"ok {m} IF{f} seed{s}: {cfg.method.model_dump()}")
         return
     if not args.report_only:
@@ -491,6 +543,7 @@ def main() -> None:
     args.factors = meta.get("factors", args.factors)
     args.seeds = meta.get("seeds", args.seeds)
     args.lambdas = meta.get("lambda_grid", args.lambdas)
+    args.taus = meta.get("tau_grid", args.taus)
     text = section(res, args)
     from rwray.report import replace_section
 
