@@ -7,6 +7,7 @@ method, loss) the message lists the valid choices.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -174,6 +175,11 @@ class ScalingConfig(Section):
     resource_wait_s: float = Field(600.0, ge=0, le=86400)
 
 
+# `tracking.register` shadows ABCMeta.register (pydantic models' metaclass), which no config ever calls; the key is
+# MLflow's word for what it does.
+warnings.filterwarnings("ignore", message='Field name "register" in "TrackingConfig" shadows', category=UserWarning)
+
+
 class TrackingConfig(Section):
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI if set, else sqlite:///<output_dir>/mlflow.db
     experiment: str = "rwray"
@@ -181,6 +187,18 @@ class TrackingConfig(Section):
     # At the end of a run, how long to wait for buffered metrics and artifacts to reach an unreachable server
     # before leaving them in the spool (sent at the run's next start).
     flush_timeout_s: float = Field(300.0, gt=0, le=86400)
+    # At the end of a run, log the weights chosen on validation as an MLflow model named `model` (uint8 images in,
+    # class probabilities out: `mlflow.pyfunc.load_model`).
+    log_model: bool = True
+    # ... and add it as a new version of this registered model (`rwray train` runs; a sweep's trials only log it).
+    # The registry is asked before training whether it accepts the name. None: no registration.
+    register: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _register_needs_a_model(self) -> "TrackingConfig":
+        if self.register is not None and not self.log_model:
+            raise ValueError("tracking.register registers the logged model: it needs tracking.log_model=true")
+        return self
 
 
 class Distribution(Section):

@@ -111,7 +111,9 @@ def job(tmp_path: Path, data_dir: Path, **sections) -> C.Config:
     """A small digits job writing everything under tmp_path."""
     raw = {"name": "test", "output_dir": str(tmp_path / "runs"), "data": {"dir": str(data_dir), "batch_size": 16},
            "model": {"name": "small_cnn", "width": 16}, "optim": {"lr": 0.05},
-           "train": {"epochs": 2}, "scaling": {"num_workers": 2}, "tracking": {"experiment": "tests"}}
+           "train": {"epochs": 2}, "scaling": {"num_workers": 2},
+           # log_model (an MLflow model at the end, ~4 s a run) is tested where it is asked for: tests/test_mlflow_model.py
+           "tracking": {"experiment": "tests", "log_model": False}}
     for k, v in sections.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
     return C.validate(raw)

@@ -39,6 +39,8 @@ class RunResult:
     tracking_uri: str
     metrics: dict[str, Any]
     checkpoint_path: str | None
+    model_uri: str | None = None  # the selected weights as an MLflow model (tracking.log_model)
+    model_version: int | None = None  # its version under tracking.register
 
 
 def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] = (),
@@ -49,6 +51,11 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
     cfg = resolve_paths(cfg)
     uri = tracking.resolve_uri(cfg)
     tracking.preflight(uri)  # before anything is written or computed
+    register = cfg.tracking.register if parent_run_id is None else None  # a sweep's trials only log their model
+    if register is not None:
+        from rwray.tracking.model import check_registry
+
+        check_registry(uri, register)
     check_resume(cfg)
     manifest = ensure_data(cfg)
     check_address(os.environ.get("RAY_ADDRESS"))
@@ -75,6 +82,13 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
         try:
             import ray.train
 
+            # every split as a dataset input of the run (idempotent: a continued run adds nothing); metadata, so a
+            # store that will not take it is reported, not a reason to stop
+            try:
+                tracking.log_datasets(uri, run_id, manifest)
+            except Exception as e:  # noqa: BLE001
+                output.say(f"tracking: the run's dataset inputs could not be logged ({type(e).__name__}: "
+                           f"{str(e)[:200]}); training goes on")
             with signals():
                 # a request no node can hold fails here, in seconds
                 resources.check(cfg, say=output.say, streaming=streams(cfg, manifest))
@@ -104,8 +118,10 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
                     dataset_config=ray.train.DataConfig(datasets_to_split=[]),
                 )
                 result = trainer.fit()
+                published = (publish_model(cfg, uri, run_id, manifest, spool, register) if cfg.tracking.log_model
+                             else (None, None))
             return RunResult(run_id, uri, dict(result.metrics or {}),
-                             result.checkpoint.path if result.checkpoint is not None else None)
+                             result.checkpoint.path if result.checkpoint is not None else None, *published)
         except BaseException as e:
             error = root_cause(e)
             if isinstance(error, SystemExit) and not isinstance(e, Interrupted):
@@ -140,3 +156,55 @@ def start_line(cfg: Config, manifest: Manifest, uri: str, run_id: str, logs: Pat
     return (f"{run_name(cfg)}: {cfg.method_label} on {Path(cfg.data.dir).name} ({sizes}); "
             f"{s.num_workers} worker{'s' if s.num_workers != 1 else ''} x {per_worker}; "
             f"MLflow run {run_id[:8]} at {uri}{where}")
+
+
+def publish_model(cfg: Config, uri: str, run_id: str, manifest: Manifest, spool: str,
+                  register: str | None) -> tuple[str | None, int | None]:
+    """After training: the run's best checkpoint (chosen on validation) as its MLflow model, and a registry version
+    under ``register``. -> (model URI, version). A run that already logged its model (a driver restarted at the
+    very end) logs nothing again.
+
+    A failure here does not undo a finished training: it is reported and the run is closed as usual, unless a
+    registration was asked for, which is then an error (the job's promised output is missing)."""
+    from rwray.errors import TrackingError
+    from rwray.tracking import model as logged
+    from rwray.train import checkpoint, export
+
+    try:
+        # rank 0 sends the best checkpoint through its spool: what an outage left there goes first (briefly: the
+        # run's closing replays it again for the full flush_timeout_s)
+        left = tracking.replay(uri, run_id, spool, timeout_s=min(cfg.tracking.flush_timeout_s, 60.0))
+        if left:
+            raise ConnectionError(f"{left} item(s) of the run, maybe its best checkpoint, are still unsent")
+        # MLflow's own retries (minutes per call) bounded: a server down at the end costs seconds, not minutes
+        with tracking.quick_http(retries=3, timeout_s=300), tempfile.TemporaryDirectory() as tmp:
+            if (done := logged.logged_model(uri, run_id)) is not None:
+                return done, None
+            path = logged.download_best_state(uri, run_id, tmp)
+            if path is None:
+                raise FileNotFoundError(f"the run has no {logged.BEST_STATE} in MLflow (it may still be in a "
+                                        f"worker's spool on another node)")
+            state = checkpoint.load(path.parent)  # weights only: nothing from the store is unpickled as code
+            net = export.selected_network(cfg, manifest, state)
+            card = export.describe(cfg, manifest, state)
+            (Path(tmp) / "config.yaml").write_text(cfg.to_yaml())
+            tags = {"rwray.select_metric": card["select_metric"], "rwray.select_value": repr(card["select_value"]),
+                    "rwray.epoch": str(card["epoch"]), "rwray.run_id": run_id,
+                    "rwray.data_manifest_sha256": manifest.sha256}
+            model_uri, version = logged.log_model(
+                uri, run_id, net, export.example_images(cfg, manifest), manifest.num_classes, step=card["epoch"],
+                metadata={"rwray": card}, tags=tags, register=register,
+                extra_files=[str(Path(tmp) / "config.yaml")])
+    except TrackingError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tracking, export or download: reported, training stands
+        what = f"{type(e).__name__}: {str(e)[:300]}"
+        if register is not None:
+            raise TrackingError(f"the selected model could not be logged to {uri}, so it is not registered as "
+                                f"{register!r} ({what}). The run's metrics and checkpoints are logged.") from None
+        output.say(f"tracking: the selected model could not be logged to {uri} ({what}); the run's metrics and "
+                   f"checkpoints are unaffected")
+        return None, None
+    output.say(f"model (epoch {card['epoch'] + 1}, {card['select_metric']} {card['select_value']:.4f}): {model_uri}"
+               + (f", registered as {register!r} version {version}" if version is not None else ""))
+    return model_uri, version
