@@ -281,6 +281,69 @@ def schema() -> None:
     sys.stdout.write(json.dumps(Config.model_json_schema(), indent=2) + "\n")
 
 
+SOURCE = typer.Argument(..., help="the model: a checkpoint folder, a run id, or a runs:/<run>/model or models:/... URI")
+DATA = typer.Option(..., "--data", help="a shard directory with the model's classes (rwray data prepare)")
+ON_RAY = typer.Option(None, "--ray/--no-ray", help="score with Ray Data actors (default: when the split's shards "
+                      "exceed 1 GiB) or in this process")
+TRACKING = typer.Option(None, "--tracking-uri", help="MLflow store of the source model and of the evaluation run "
+                        "(default: $MLFLOW_TRACKING_URI, else ./runs/mlflow.db)")
+
+
+def _inference_setup(source: str, data: Path, split: str, tracking_uri: Optional[str], ray: Optional[bool]):
+    from rwray.data import Manifest
+    from rwray.inference import check_data, load_source
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs').resolve() / 'mlflow.db'}"
+    model = load_source(source, uri)
+    manifest = Manifest.load(data)
+    check_data(model, manifest, split)
+    if ray is True or ray is None and manifest.encoded:
+        from rwray.train.rayenv import connect_ray
+
+        connect_ray(None)
+    return model, manifest, uri
+
+
+@app.command()
+def evaluate(source: str = SOURCE, data: Path = DATA,
+             split: str = typer.Option("test", "--split", help="the split to score (val, test, or an extra one)"),
+             tracking_uri: Optional[str] = TRACKING, ray: Optional[bool] = ON_RAY,
+             log: bool = typer.Option(True, "--log/--no-log", help="record the metrics as a new MLflow run"),
+             verbose: bool = VERBOSE) -> None:
+    """Score a trained model on any shard directory with its classes: the metrics table, and a new MLflow run
+    linked to the source."""
+    with terminal(verbose):
+        from rwray.inference import evaluate as score, table_rows
+        from rwray.tracking.evaluation import log_evaluation
+
+        model, manifest, uri = _inference_setup(source, data, split, tracking_uri, ray)
+        metrics = score(model, manifest, split, ray=ray)
+        console.print(f"{model.source} on {manifest.dir}, split {split} ({manifest.num_samples(split)} images)")
+        t = Table()
+        t.add_column("metric")
+        t.add_column("%", justify="right")
+        for name, value in table_rows(metrics, split, model.classes):
+            t.add_row(name, value)
+        Console().print(t)
+        if log:
+            run_id = log_evaluation(uri, model, manifest, split, metrics)
+            console.print(f"MLflow run {run_id} in {uri}")
+
+
+@app.command()
+def predict(source: str = SOURCE, data: Path = DATA,
+            out: Path = typer.Option(..., "--out", help="the Parquet file to write"),
+            split: str = typer.Option("test", "--split", help="the split to score"),
+            tracking_uri: Optional[str] = TRACKING, ray: Optional[bool] = ON_RAY, verbose: bool = VERBOSE) -> None:
+    """Per-sample predictions of a trained model: index, label, predicted class and class probabilities."""
+    with terminal(verbose):
+        from rwray.inference import predict as write
+
+        model, manifest, _ = _inference_setup(source, data, split, tracking_uri, ray)
+        n = write(model, manifest, split, out, ray=ray)
+        console.print(f"wrote {n} rows (index, label, pred, probs[{len(model.classes)}]) to {out}")
+
+
 def _summary(name: str, result) -> None:
     from rwray.metrics import BEST_EPOCH, SUMMARY_KEYS, best_key, split_key
 
@@ -299,6 +362,9 @@ def _summary(name: str, result) -> None:
     t.add_row("val (last)", *(pct(split_key("val", k)) for k in SUMMARY_KEYS))
     Console().print(t)
     console.print(f"MLflow run {result.run_id} in {result.tracking_uri}")
+    if result.model_uri is not None:  # the weights chosen on validation: mlflow.pyfunc.load_model(<this>)
+        version = f" (registered version {result.model_version})" if result.model_version is not None else ""
+        console.print(f"MLflow model {result.model_uri}{version}")
 
 
 def main() -> None:

@@ -1,0 +1,45 @@
+"""An evaluation of a trained model (`rwray evaluate`) as its own MLflow run: the metrics, the source it scored and the
+data it scored, linked to the training run where the source names one (a child run of it, in its experiment)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rwray.errors import TrackingError
+from rwray.tracking.transport import client, quick_http
+
+
+def log_evaluation(uri: str, model: Any, manifest: Any, split: str, metrics: dict[str, float]) -> str:
+    """One finished run holding ``metrics`` and what produced them. -> its id. ``model``: an
+    `rwray.inference.Model`; ``manifest``: the scored data's `rwray.data.Manifest`."""
+    import time
+
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with quick_http(retries=2):
+            c = client(uri)
+            source_run = c.get_run(model.run_id) if model.run_id else None
+            if source_run is not None:
+                experiment = source_run.info.experiment_id
+            else:
+                found = c.get_experiment_by_name("rwray-evaluate")
+                experiment = found.experiment_id if found else c.create_experiment("rwray-evaluate")
+            tags = {"rwray.source": model.source, "rwray.data_dir": str(manifest.dir), "rwray.split": split,
+                    "rwray.data_manifest_sha256": manifest.sha256}
+            if source_run is not None:  # shown under the training run in the UI
+                tags.update({"mlflow.parentRunId": model.run_id, "rwray.source_run": model.run_id})
+            run = c.create_run(experiment, run_name=f"evaluate {manifest.dir.name}/{split}", tags=tags)
+            now = int(time.time() * 1000)
+            c.log_batch(run.info.run_id,
+                        metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())],
+                        params=[Param("source", model.source[:500]), Param("data", str(manifest.dir)[:500]),
+                                Param("split", split)],
+                        tags=[RunTag("mlflow.note.content", f"rwray evaluate {model.source} --data {manifest.dir} "
+                                                            f"--split {split}")])
+            c.set_terminated(run.info.run_id, "FINISHED")
+            return run.info.run_id
+    except MlflowException as e:
+        raise TrackingError(f"could not log the evaluation to {uri}: {str(e).splitlines()[0][:300]} (the metrics "
+                            f"above are complete; rerun with --no-log to skip MLflow)") from None
