@@ -187,6 +187,9 @@ class TrackingConfig(Section):
     # At the end of a run, how long to wait for buffered metrics and artifacts to reach an unreachable server
     # before leaving them in the spool (sent at the run's next start).
     flush_timeout_s: float = Field(300.0, gt=0, le=86400)
+    # MLflow system metrics (CPU, memory, disk, network; GPU where nvidia-ml-py finds one) sampled every
+    # system_metrics_s seconds on each worker node, as system/node_<node rank>/...; 0: off.
+    system_metrics_s: float = Field(10.0, ge=0, le=3600)
     # At the end of a run, log the weights chosen on validation as an MLflow model named `model` (uint8 images in,
     # class probabilities out: `mlflow.pyfunc.load_model`).
     log_model: bool = True

@@ -112,8 +112,9 @@ def job(tmp_path: Path, data_dir: Path, **sections) -> C.Config:
     raw = {"name": "test", "output_dir": str(tmp_path / "runs"), "data": {"dir": str(data_dir), "batch_size": 16},
            "model": {"name": "small_cnn", "width": 16}, "optim": {"lr": 0.05},
            "train": {"epochs": 2}, "scaling": {"num_workers": 2},
-           # log_model (an MLflow model at the end, ~4 s a run) is tested where it is asked for: tests/test_mlflow_model.py
-           "tracking": {"experiment": "tests", "log_model": False}}
+           # log_model (an MLflow model at the end, ~4 s a run) and system metrics (a sampling thread per node) are
+           # tested where they are asked for (tests/test_mlflow_model.py, test_train_e2e.py)
+           "tracking": {"experiment": "tests", "log_model": False, "system_metrics_s": 0}}
     for k, v in sections.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
     return C.validate(raw)

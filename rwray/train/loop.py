@@ -47,6 +47,7 @@ from rwray.metrics import (
 from rwray.models import MODELS
 from rwray.optim import build_optimizer, build_scheduler
 from rwray.tracking import BufferedRunLogger
+from rwray.tracking.system import node_metrics
 from rwray.train import checkpoint
 from rwray.train.batches import epoch_seed
 from rwray.train.compiling import compile_model
@@ -67,10 +68,13 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     status = status_writer(job.get("status_dir"), w.rank, w.start_epoch)
     trace = sample_trace(job.get("trace_dir"), w.rank)
     data = Data(w.cfg, w.manifest, w.device, w.rank, w.world, job.get("tables", {}))
-    for epoch in range(w.start_epoch, w.cfg.train.epochs):
-        metrics, improved = (evaluate_only(w, data, epoch) if w.cfg.train.trainable == "none"
-                             else run_epoch(w, data, epoch, status, trace))
-        report_epoch(w, epoch, metrics, improved, log)
+    ctx = ray.train.get_context()
+    interval = w.cfg.tracking.system_metrics_s if ctx.get_local_rank() == 0 else 0  # one monitor a node
+    with node_metrics(job["tracking_uri"], job["run_id"], ctx.get_node_rank(), interval):
+        for epoch in range(w.start_epoch, w.cfg.train.epochs):
+            metrics, improved = (evaluate_only(w, data, epoch) if w.cfg.train.trainable == "none"
+                                 else run_epoch(w, data, epoch, status, trace))
+            report_epoch(w, epoch, metrics, improved, log)
     if log is not None:
         log_final_artifacts(log, w)
         log.close(w.cfg.tracking.flush_timeout_s)
