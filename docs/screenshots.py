@@ -1,6 +1,6 @@
 """The README's pictures of a run: the MLflow run page and the per-class accuracy plot, as the MLflow UI shows them.
 
-    .venv/bin/python docs/screenshots.py                 # trains a short quickstart run in a temporary folder
+    .venv/bin/python docs/screenshots.py                 # trains the quickstart run in a temporary folder
     .venv/bin/python docs/screenshots.py --store runs    # or uses the latest run of an existing output_dir
 
 Trains with the real CLI (`rwray train quickstart`), starts `mlflow ui` on loopback on a free port, and captures the
@@ -172,7 +172,7 @@ async def shoot_run(chromium: str, page_url: str, out_dir: Path, tmp: Path) -> N
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, help="an output_dir holding mlflow.db (default: train a short run)")
-    ap.add_argument("--epochs", type=int, default=5, help="epochs of the short run")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs of the run (default: the quickstart's)")
     ap.add_argument("--out", type=Path, default=IMG)
     args = ap.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -183,7 +183,8 @@ def main() -> int:
         tmp = Path(t)
         store = args.store.resolve() if args.store else tmp / "runs"
         if args.store is None:
-            cmd = [str(BIN / "rwray"), "train", "quickstart", f"output_dir={store}", f"train.epochs={args.epochs}"]
+            cmd = [str(BIN / "rwray"), "train", "quickstart", f"output_dir={store}",
+                   *([f"train.epochs={args.epochs}"] if args.epochs else [])]
             print("training:", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, cwd=tmp)
         exp, run = latest_run(store)
