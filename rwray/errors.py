@@ -56,6 +56,10 @@ class DataError(RwrayError, ValueError):
     """A problem with data on disk or data parameters; the message names the problem and how to fix it."""
 
 
+class SourceError(RwrayError, ValueError):
+    """A trained-model source (`rwray evaluate` / `predict`) that cannot be loaded."""
+
+
 class TrackingError(RwrayError, RuntimeError):
     """The MLflow store cannot be used (unreachable, refused credentials, not writable)."""
 

@@ -21,15 +21,11 @@ import numpy as np
 import torch
 
 from rwray.data import Manifest
-from rwray.errors import DataError, RwrayError
+from rwray.errors import DataError, RwrayError, SourceError
 from rwray.metrics import bias_cell_counts, confusion_matrix, split_metrics
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 RAY_BYTES = 1 << 30  # a split whose shards exceed this is scored on Ray (when Ray is not forced either way)
-
-
-class SourceError(RwrayError, ValueError):
-    """A model source that cannot be loaded."""
 
 
 @dataclass

@@ -103,6 +103,10 @@ def sweep(cfg: Config) -> SweepResult:
                            "`rwray tune` (it is for long single runs)"], cfg.name)
     cfg = resolve_paths(cfg)
     tc = cfg.tune
+    if cfg.tracking.register is not None:  # refused names fail before any trial
+        from rwray.tracking.model import check_registry
+
+        check_registry(tracking.resolve_uri(cfg), cfg.tracking.register)
     with trials.parent_run(cfg, [cfg], {"rwray.sweep": "true"}) as parent:
         base = cfg.model_dump(mode="json")
         # Ranking trials by `best/<metric>` (best epoch on validation so far, reported every epoch) picks the trial
@@ -148,25 +152,55 @@ def sweep(cfg: Config) -> SweepResult:
         log.artifact(best_path)
         log.artifact(out_dir / "summary.md")
         log.metrics({rank_key: best_row[tc.metric], "trials": len(rows)}, step=0)
-        _close_stopped_children(parent.uri, parent.run_id, f"{cfg.name}-", dict(stopped))
+        completed = {row["trial"] for row in rows if row["status"] == "completed"}
+        run_ids = _settle_children(cfg, parent.uri, parent.run_id, dict(stopped), completed)
+        if cfg.tracking.log_model and best_row["trial"] in run_ids:
+            registered = _register_best(cfg, parent, best_row, run_ids[best_row["trial"]])
+            if registered is not None:
+                tracking.client(parent.uri).set_tag(parent.run_id, "rwray.registered", registered)
         return SweepResult(parent.run_id, parent.uri, best_path, {**best_sample, tc.metric: best_row[tc.metric]},
                            rows)
 
 
-def _close_stopped_children(uri: str, parent: str, prefix: str, stopped: dict[str, str]) -> None:
-    """A trial the scheduler stops ends mid-fit: its run was left RUNNING (actor killed) or closed as FAILED (fit
-    interrupted). Tune's own verdict (no error, fewer epochs than planned) says which trials those are: mark their
-    runs KILLED with the reason, so FAILED means a real failure."""
+def _register_best(cfg: Config, parent, best_row: dict[str, Any], run_id: str) -> str | None:
+    """The best trial's selected weights as its MLflow model and, with tracking.register, a new version of that
+    registered model (a trial's own run never gets to log one: Tune ends it at its last report). -> 'name/version'
+    or None."""
+    from rwray import tracking
+    from rwray.data import Manifest
+    from rwray.train.launch import publish_model
+
+    trial_cfg = trial_config(cfg.model_dump(mode="json"), {k: best_row[k] for k in cfg.tune.space})
+    model_uri, version = publish_model(trial_cfg, parent.uri, run_id, Manifest.load(cfg.data.dir),
+                                       tracking.spool_dir(cfg, run_id), cfg.tracking.register)
+    return f"{cfg.tracking.register}/{version}" if version is not None else None
+
+
+def _settle_children(cfg: Config, uri: str, parent: str, stopped: dict[str, str], completed: set[str]
+                     ) -> dict[str, str]:
+    """Tune ends a trial at its last report, stopping its Train controller before the trial's driver has closed the
+    MLflow run: the trial's buffered metrics and best checkpoint may still be in its spool, and the run is RUNNING
+    or marked interrupted. Send what each trial left, then close its run: FINISHED when Tune completed it (every
+    epoch reported) and nothing was left unsent, KILLED with the reason when the scheduler stopped it."""
     from rwray import tracking
 
     c = tracking.client(uri)
     run = c.get_run(parent)
+    prefix, ids = f"{cfg.name}-", {}
     for child in c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'"):
+        run_id = child.info.run_id
         trial_id = child.data.tags.get("mlflow.runName", "").removeprefix(prefix)
-        if trial_id in stopped or child.info.status == "RUNNING":
-            c.set_tag(child.info.run_id, "rwray.stopped_by", stopped.get(trial_id, "tune (trial ended)"))
-            c.delete_tag(child.info.run_id, "rwray.error") if "rwray.error" in child.data.tags else None
-            c.set_terminated(child.info.run_id, status="KILLED")
+        ids[trial_id] = run_id
+        left = tracking.replay(uri, run_id, tracking.spool_dir(cfg, run_id), timeout_s=60.0)
+        if trial_id in completed and trial_id not in stopped and left == 0:
+            if "rwray.error" in child.data.tags:  # the controller's stop after the last epoch is no failure
+                c.delete_tag(run_id, "rwray.error")
+            c.set_terminated(run_id, status="FINISHED")
+        elif trial_id in stopped or child.info.status == "RUNNING":
+            c.set_tag(run_id, "rwray.stopped_by", stopped.get(trial_id, "tune (trial ended)"))
+            c.delete_tag(run_id, "rwray.error") if "rwray.error" in child.data.tags else None
+            c.set_terminated(run_id, status="KILLED")
+    return ids
 
 
 def _markdown(rows: list[dict[str, Any]], params: list[str], metric: str) -> str:

@@ -16,6 +16,7 @@ EXAMPLES = {  # one instance of every user-facing error, as the code raises it
     errors.PathError: errors.PathError("resume=/etc is outside /runs"),
     errors.UnknownName: errors.UnknownName("unknown model 'resnet9'; choose one of: resnet18, resnet32"),
     errors.DataError: errors.DataError("shard directory d has no manifest.json"),
+    errors.SourceError: errors.SourceError("no model at models:/nope/1 in sqlite:///runs/mlflow.db"),
     errors.TrackingError: errors.TrackingError("cannot reach the MLflow tracking server at http://127.0.0.1:9"),
     errors.RunInUse: errors.RunInUse("run 'x' is being trained by another process (pid 7)"),
     errors.CheckpointError: errors.CheckpointError("ckpt/state.pt", "it is not a readable torch file"),

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from rwray import cli
 from rwray.data import Manifest
-from rwray.errors import DataError
-from rwray.inference import Model, SourceError, check_data, evaluate, load_source, predict
+from rwray.errors import DataError, SourceError
+from rwray.inference import Model, check_data, evaluate, load_source, predict
 
 pytestmark = pytest.mark.ray
 KEYS = ("top1", "balanced_acc", "many_acc", "medium_acc", "few_acc", "macro_f1", "worst_class_acc")

@@ -7,7 +7,6 @@ best/test/top1, and its probabilities are those of the best checkpoint's selecte
 
 from __future__ import annotations
 
-import contextlib
 import json
 import uuid
 from pathlib import Path
@@ -26,17 +25,11 @@ from rwray.train import checkpoint
 REGISTER = f"rwray-digits-{uuid.uuid4().hex[:8]}"  # the server outlives this module: a name of its own
 
 
-@contextlib.contextmanager
 def fluent(uri: str):
-    """`mlflow.pyfunc.load_model("models:/...")` resolves through the global tracking URI."""
-    import mlflow
-
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)
+    """`mlflow.pyfunc.load_model("models:/...")` resolves through the global tracking URI: set it for the block and
+    put back exactly what was there (MLflow's get_tracking_uri() reports a default even when nothing is set, and
+    setting that default back would pin every later test of the process to ./mlflow.db)."""
+    return logged._fluent_uri(uri)
 
 
 def served_images(manifest: Manifest, split: str = "test") -> tuple[np.ndarray, np.ndarray]:

@@ -97,7 +97,6 @@ def log_model(uri: str, run_id: str, module, example: np.ndarray, num_classes: i
     as the input example. ``step``: the selected epoch, so the model is linked to that epoch's metrics."""
     import mlflow
     import mlflow.pytorch
-    from mlflow.exceptions import MlflowException
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
@@ -106,12 +105,7 @@ def log_model(uri: str, run_id: str, module, example: np.ndarray, num_classes: i
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
     registry = client(uri)
     if register is not None:  # before anything is logged: a refusal leaves the run without a half-made model
-        try:
-            registry.create_registered_model(register)
-        except MlflowException as e:
-            if e.error_code not in _EXISTS:
-                raise TrackingError(_refused(uri, register, e) + ". The run's metrics and checkpoints are logged; "
-                                    "no model was.") from None
+        ensure_registered(uri, register, "The run's metrics and checkpoints are logged; no model was.")
     # Created here, in the run's experiment: left to itself, log_model would file the model under the fluent
     # API's current experiment (Default, with its artifacts under the working directory's ./mlruns).
     run = registry.get_run(run_id)
@@ -126,10 +120,31 @@ def log_model(uri: str, run_id: str, module, example: np.ndarray, num_classes: i
             pip_requirements=mlflow.pytorch.get_default_pip_requirements())
         if register is None:
             return info.model_uri, None
-        try:  # in the fluent context too: a sqlite registry resolves models:/<id> through the global URI
-            version = registry.create_model_version(register, source=info.model_uri, run_id=run_id,
-                                                    tags=dict(tags), model_id=info.model_id)
+        version = add_version(uri, register, info.model_uri, info.model_id, run_id, tags)
+    return info.model_uri, version
+
+
+def ensure_registered(uri: str, name: str, consequence: str) -> None:
+    """Registered model ``name`` exists (created when new); a refusal is a `TrackingError` ending ``consequence``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(uri).create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code not in _EXISTS:
+            raise TrackingError(_refused(uri, name, e) + ". " + consequence) from None
+
+
+def add_version(uri: str, name: str, model_uri: str, model_id: str, run_id: str, tags: Mapping[str, str]) -> int:
+    """A new version of ``name`` pointing at the logged model. -> its number."""
+    from mlflow.exceptions import MlflowException
+
+    with _fluent_uri(uri):  # a sqlite registry resolves models:/<id> through the global URI
+        try:
+            version = client(uri).create_model_version(name, source=model_uri, run_id=run_id, tags=dict(tags),
+                                                       model_id=model_id)
         except MlflowException as e:
-            raise TrackingError(_refused(uri, register, e) + f". The model is logged as {info.model_uri}; register "
-                                f"it by hand once the registry accepts it.") from None
-    return info.model_uri, int(version.version)
+            raise TrackingError(_refused(uri, name, e) + f". The model is logged as {model_uri}; register it by "
+                                "hand once the registry accepts it.") from None
+    return int(version.version)
+

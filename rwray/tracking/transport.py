@@ -12,6 +12,10 @@ from rwray.tracking.schema import seed_sqlite
 
 FIRST_DELAY_S = 0.5
 
+# MLflow draws a progress bar for every artifact download (the best checkpoint the driver fetches to log the model,
+# a model `rwray evaluate` loads): noise among rwray's own terminal lines. A user's own setting wins.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 
 def client(uri: str):
     from mlflow.tracking import MlflowClient
