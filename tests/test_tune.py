@@ -48,35 +48,10 @@ def test_space_to_tune_and_trial_config():
 
 
 @pytest.mark.ray
-def test_a_sweep_registers_its_best_trials_model(tmp_path, digits_dir, ray_local):
-    """tracking.register on a sweep: the trials log their models, and the best trial's (by the sweep's validation
-    metric) becomes version 1 of the registered model, tagged with the metric and the trial's run."""
-    cfg = job(tmp_path, digits_dir, train={"epochs": 1}, scaling={"num_workers": 1},
-              tracking={"experiment": "sweep-register", "log_model": True, "register": "sweep-best"},
-              tune={"space": {"optim.lr": {"grid": [0.05, 0.001]}}, "num_samples": 1, "max_concurrent": 2})
-    res = sweep(cfg)
-    client = MlflowClient(res.tracking_uri)
-    (version,) = client.search_model_versions("name='sweep-best'")
-    best_lr = res.best["optim.lr"]
-    trial_run = client.get_run(version.run_id)
-    assert float(trial_run.data.params["optim.lr"]) == best_lr
-    assert trial_run.data.tags["mlflow.parentRunId"] == res.parent_run_id
-    assert version.tags["rwray.select_metric"] == cfg.tune.metric
-    assert float(version.tags["rwray.select_value"]) == res.best[cfg.tune.metric]
-    assert client.get_run(res.parent_run_id).data.tags["rwray.registered"] == "sweep-best/1"
-    # Tune ends a trial at its last report; the sweep sent what the trials left in their spools and closed them
-    children = client.search_runs([trial_run.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
-    assert {c.info.status for c in children} == {"FINISHED"}
-    for c in children:
-        assert [m.step for m in client.get_metric_history(c.info.run_id, "val/balanced_acc")] == [0]
-        assert "checkpoints/best" in {a.path for a in client.list_artifacts(c.info.run_id, "checkpoints")}
-
-
-@pytest.mark.ray
 def test_asha_sweep_on_digits(tmp_path, digits_dir, ray_local):
     cfg = job(tmp_path, digits_dir, method={"name": "absgd", "lam": 5.0}, train={"epochs": 3},
-              scaling={"num_workers": 1}, tracking={"experiment": "sweep-test"},
+              scaling={"num_workers": 1},
+              tracking={"experiment": "sweep-test", "log_model": True, "register": "sweep-best"},
               tune={"space": {"method.lam": {"choice": [1.0, 3.0, 10.0, 30.0]}}, "num_samples": 4,
                     "max_concurrent": 2, "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2}})
     res = sweep(cfg)
@@ -88,6 +63,18 @@ def test_asha_sweep_on_digits(tmp_path, digits_dir, ray_local):
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
     assert len(children) == 4
     assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
+    # Tune ends a trial at its last report; the sweep sent what each trial left in its spool and closed it
+    for c in children:
+        steps = sorted(m.step for m in client.get_metric_history(c.info.run_id, "val/balanced_acc"))
+        assert steps == list(range(len(steps))) and steps, c.info.run_name
+        assert "checkpoints/best" in {a.path for a in client.list_artifacts(c.info.run_id, "checkpoints")}
+    # tracking.register on a sweep: the best trial's selected weights become version 1, tagged with its run
+    (version,) = client.search_model_versions("name='sweep-best'")
+    trial_run = client.get_run(version.run_id)
+    assert trial_run.data.tags["mlflow.parentRunId"] == res.parent_run_id
+    assert float(trial_run.data.params["method.lam"]) == res.best["method.lam"]
+    assert float(version.tags["rwray.select_value"]) == res.best[cfg.tune.metric]
+    assert parent.data.tags["rwray.registered"] == "sweep-best/1"
     lams = sorted(float(c.data.params["method.lam"]) for c in children)
     assert lams == [1.0, 3.0, 10.0, 30.0] or len(set(lams)) >= 2
     # the best trial's config is a runnable job of its own

@@ -4,7 +4,7 @@ MLflow's `SystemMetricsMonitor` samples CPU, memory, disk, network (and GPUs, th
 has them) in a daemon thread and logs them to the run as ``system/<node id>/...``. One monitor per node: the local
 rank 0 worker runs it, named after its node rank. It talks to the tracking server directly (not through rank 0's
 spool): these are observations, best kept when the server answers and never worth holding the run for, so stopping
-waits a few seconds at most.
+waits STOP_WAIT_S at most.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import contextlib
 import logging
 from typing import Iterator
 
-STOP_WAIT_S = 5.0
+STOP_WAIT_S = 30.0  # the sampler's last server call on a loaded machine; a server that is down costs this once
 
 
 @contextlib.contextmanager
