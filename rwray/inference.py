@@ -283,6 +283,3 @@ def table_rows(metrics: dict[str, float], split: str, classes: list[str]) -> lis
             rows.append((f"class {c} ({name})", f"{100 * v:.2f}"))
     return rows
 
-
-def describe_source(model: Model) -> dict[str, Any]:
-    return {"rwray.source": model.source, **({"rwray.source_run": model.run_id} if model.run_id else {})}
