@@ -27,16 +27,16 @@ SKIPS: dict[str, str] = {}
 
 
 class TinyNet(nn.Module):
-    """8 features -> 16 hidden (the 'features') -> 4 logits; the models' forward signature."""
+    """8 features -> 16 hidden (the 'features') -> 4 logits; the models' forward signature and classifier name."""
 
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
-        self.head = nn.Linear(16, 4)
+        self.fc = nn.Linear(16, 4)
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         f = self.body(x.flatten(1))  # [B, 16]
-        logits = self.head(f)  # [B, 4]
+        logits = self.fc(f)  # [B, 4]
         return (logits, f) if return_features else logits
 
 

@@ -1,6 +1,7 @@
 """Registry of reweighting methods: one file each, one entry here, one test file in tests/."""
 
-from rwray.methods import absgd, baselines, batch_reweight, erm, group_dro, jtt, learned_mixin, rebias, rubi
+from rwray.methods import (absgd, baselines, batch_reweight, erm, group_dro, jtt, learned_mixin, meta_sampler, rebias,
+                           rubi)
 from rwray.methods.base import Method, StepInputs, StepOutput, weighted_loss
 from rwray.registry import Registry, union_of
 
@@ -16,6 +17,7 @@ METHODS.add("learned_mixin", learned_mixin.LearnedMixinParams, learned_mixin.Lea
 METHODS.add("batch_reweight", batch_reweight.BatchReweightParams, batch_reweight.BatchReweight, "batch reweighting: w = softmax(-p/temp), p = #similar per-sample gradients in the batch")
 
 METHODS.add("group_dro", group_dro.GroupDROParams, group_dro.GroupDRO, "GroupDRO: online group weights q_g <- q_g exp(eta l_g), loss sum_g q_g l_g (global over workers)")
+METHODS.add("meta_sampler", meta_sampler.MetaSamplerParams, meta_sampler.MetaSampler, "BALMS Meta Sampler as class weights: w_c = sigmoid(theta_c), theta meta-learned through one look-ahead classifier step (frozen features)")
 METHODS.add("jtt", jtt.JTTParams, jtt.JTT, "JTT: ERM for identify_epochs, then the samples it got wrong weighted lam_up")
 
 MethodConfig = union_of(METHODS)

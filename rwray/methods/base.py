@@ -34,6 +34,7 @@ class StepInputs:
     step: int  # step within the epoch
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # extra shard columns, [B] each
     mix: Mix | None = None  # mixup / CutMix: second targets and shares; only for methods with supports_mix
+    lr: float = 0.0  # the optimizer's current learning rate (first parameter group), for look-ahead methods
 
 
 @dataclass
@@ -78,6 +79,9 @@ class Method:
     # Whether the method trains on mixed batches (data.mix): its loss goes through `sample_losses`, and nothing
     # else that shapes its update reads the targets (class tables, groups: a mixed sample has no single class).
     supports_mix = False
+    # Whether the method only makes sense with the feature extractor frozen (train.trainable: classifier), e.g. a
+    # method that keeps training features across steps as if the network that made them were fixed.
+    requires_frozen_features = False
 
     def __init__(self, params: Any, info: DataInfo):
         self.params = params

@@ -93,6 +93,11 @@ def check_fit(cfg: Config, manifest: Manifest) -> None:
         raise ConfigError([f"data.mix: {cfg.data.mix} trains on mixed samples, which have two targets, and method "
                            f"{cfg.method.name} reads single targets beyond its loss (groups, class tables); use "
                            f"data.mix=none, or method erm / absgd"])
+    if method.requires_frozen_features and cfg.train.trainable != "classifier":
+        raise ConfigError([f"method {cfg.method.name} learns from training features kept across steps, which holds only "
+                           f"while the feature extractor is frozen: run it as a decoupled second stage, "
+                           f"train.trainable=classifier with train.init_from=<a first-stage checkpoint> "
+                           f"(got train.trainable={cfg.train.trainable})"])
     if getattr(cfg.model, "weights", None) is not None:  # a missing or mismatched weights file fails here, once
         from rwray.models import MODELS
 
