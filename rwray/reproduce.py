@@ -92,6 +92,7 @@ def reproduce(path: str | Path, overrides: list[str] = ()) -> str:
 
     tj = load_table(path, list(overrides))
     jobs = [(label, resolve_paths(cfg)) for label, cfg in tj.jobs]
+    _check_registry(jobs)
     parent_cfg = jobs[0][1].model_copy(update={"name": tj.table.name})
     tags = {"rwray.table": tj.table.name, "rwray.table_file": str(Path(path).resolve())}
     with trials.parent_run(parent_cfg, [cfg for _, cfg in jobs], tags) as parent:  # each data set prepared once
@@ -104,4 +105,55 @@ def reproduce(path: str | Path, overrides: list[str] = ()) -> str:
             tj.table.max_concurrent)
         if grid.errors:
             output.say(f"{len(grid.errors)} of {len(jobs) * len(tj.table.seeds)} runs failed; the report shows the rest")
+        _register_rows(parent, jobs)
         return parent.run_id
+
+
+def _check_registry(jobs: list[tuple[str, Config]]) -> None:
+    """Before any run: every registered-model name the rows ask for is one the registry accepts."""
+    from rwray import tracking
+    from rwray.tracking.model import check_registry
+
+    for name, uri in {(cfg.tracking.register, tracking.resolve_uri(cfg)) for _, cfg in jobs if cfg.tracking.register}:
+        check_registry(uri, name)
+
+
+def _register_rows(parent: trials.Parent, jobs: list[tuple[str, Config]]) -> None:
+    """With tracking.register (e.g. `rwray reproduce TABLE tracking.register=NAME`): per row, the seed chosen on
+    validation (highest best/<train.select_metric>; never test) becomes a new version of NAME, tagged with its row,
+    seed and score, and aliased by the row's label, so `models:/NAME@<row>` loads that row's model. Every trial
+    already logged its selected model; this only registers. The versions are also listed in the table run's tag
+    ``rwray.registered``."""
+    from rwray import tracking
+    from rwray.metrics import best_key
+    from rwray.tracking import model as logged
+
+    c = tracking.client(parent.uri)
+    exp = c.get_run(parent.run_id).info.experiment_id
+    children = c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'FINISHED'")
+    registered = []
+    for label, cfg in jobs:
+        name = cfg.tracking.register
+        if name is None:
+            continue
+        key = best_key(cfg.train.select_metric)
+        runs = [r for r in children if r.data.tags.get("rwray.row") == label and key in r.data.metrics]
+        chosen = max(runs, key=lambda r: r.data.metrics[key], default=None)
+        model_uri = logged.logged_model(parent.uri, chosen.info.run_id) if chosen is not None else None
+        if model_uri is None:
+            output.say(f"{label}: no finished run with a logged model, so nothing is registered for it")
+            continue
+        seed, score = chosen.data.tags.get("rwray.seed", "?"), chosen.data.metrics[key]
+        logged.ensure_registered(parent.uri, name, f"{label}'s model is logged as {model_uri}.")
+        version = logged.add_version(parent.uri, name, model_uri, model_uri.removeprefix("models:/"),
+                                     chosen.info.run_id, {"rwray.row": label, "rwray.seed": seed,
+                                                          "rwray.select_metric": cfg.train.select_metric,
+                                                          "rwray.select_value": repr(score),
+                                                          "rwray.table_run_id": parent.run_id})
+        alias = logged.alias_for(label)
+        logged.set_alias(parent.uri, name, alias, version)
+        registered.append(f"{name}/{version}")
+        output.say(f"{label}: seed {seed} ({cfg.train.select_metric} {score:.4f}) registered as {name!r} version "
+                   f"{version}, models:/{name}@{alias}")
+    if registered:
+        c.set_tag(parent.run_id, "rwray.registered", ",".join(registered))

@@ -93,7 +93,7 @@ def test_report_extra_columns(tmp_path):
 def test_reproduce_small_table_for_real(tmp_path, digits_dir, ray_local):
     t = _table(tmp_path, digits_dir, [("erm-row", {"name": "erm"}, REF), ("bs-row", {"name": "erm", "loss": {"name": "balanced_softmax"}}, None)],
                seeds=(0, 1), name="tbl-real")
-    parent = reproduce(t)
+    parent = reproduce(t, ["tracking.register=tbl-models"])
     c = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     runs = c.search_runs([c.get_experiment_by_name("tbl-real").experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted((r.data.tags["rwray.row"], r.data.tags["rwray.seed"]) for r in runs) == [
@@ -101,3 +101,23 @@ def test_reproduce_small_table_for_real(tmp_path, digits_dir, ray_local):
     assert all(r.info.status == "FINISHED" for r in runs)
     text = report(t)
     assert "| erm-row | test/top1 |" in text and "| 2 | 60.0 |" in text
+
+    # tracking.register: one version per row, its seed chosen on validation (never test), aliased by the row
+    versions = {v.tags["rwray.row"]: v for v in c.search_model_versions("name = 'tbl-models'")}
+    assert sorted(versions) == ["bs-row", "erm-row"]
+    for row, v in versions.items():
+        mine = [r for r in runs if r.data.tags["rwray.row"] == row]
+        chosen = max(mine, key=lambda r: r.data.metrics["best/val/balanced_acc"])
+        assert v.run_id == chosen.info.run_id and v.tags["rwray.seed"] == chosen.data.tags["rwray.seed"]
+        assert float(v.tags["rwray.select_value"]) == chosen.data.metrics["best/val/balanced_acc"]
+        assert c.get_model_version_by_alias("tbl-models", row).version == v.version
+    assert sorted(c.get_run(parent).data.tags["rwray.registered"].split(",")) == ["tbl-models/1", "tbl-models/2"]
+
+
+def test_alias_names_follow_the_registry_rules():
+    from rwray.tracking.model import alias_for
+
+    assert alias_for("erm-row") == "erm-row"
+    assert alias_for("BALMS (R10, 90 ep.)") == "BALMS-R10-90-ep"
+    assert alias_for("latest") == "row-latest" and alias_for("v2") == "row-v2" and alias_for("...") == "row"
+    assert alias_for("实验 ☃") == "实验"  # MLflow's rule is \w: letters of any script are kept

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -148,3 +149,17 @@ def add_version(uri: str, name: str, model_uri: str, model_id: str, run_id: str,
                                 "hand once the registry accepts it.") from None
     return int(version.version)
 
+
+
+def alias_for(label: str) -> str:
+    """A registry alias naming ``label`` (MLflow takes word characters and '-', and reserves 'latest' and 'v<N>'):
+    every other run of characters becomes '-'; a reserved result is prefixed with 'row-', an empty one is 'row'."""
+    alias = re.sub(r"[^\w-]+", "-", label).strip("-")[:200]
+    if not alias:
+        return "row"
+    return alias if alias.lower() != "latest" and not re.fullmatch(r"[vV]\d+", alias) else f"row-{alias}"
+
+
+def set_alias(uri: str, name: str, alias: str, version: int) -> None:
+    """``models:/name@alias`` now loads ``version`` (an alias moves: the newest reproduction's row wins)."""
+    client(uri).set_registered_model_alias(name, alias, str(version))
