@@ -143,6 +143,15 @@ def test_cb_ce_drw_switches_exactly_at_drw_epoch():
     close(loss(logits(), targets()), weighted)
 
 
+def test_cb_ce_max_count_caps_the_counts_as_the_absgd_iwildcam_recipe():
+    """Counts above max_count weigh as max_count (the seed sets counts >= 10 to 10): with COUNTS (100, 30, 10, 3)
+    and cap 10, the three larger classes share one weight and only the 3-sample class weighs more."""
+    w = cb_weights_ref([10, 10, 10, 3], 0.9999)
+    per_sample = [w[y] * ce_row(z, y) for z, y in zip(Z, Y)]
+    close(build(CBCEParams(reduction="mean", max_count=10))(logits(), targets()), per_sample)
+    assert w[0] == w[1] == w[2] < w[3]
+
+
 def test_zero_count_class_is_counted_as_one():
     w = class_balanced_weights([0, 5], 0.9)
     close(w, cb_weights_ref([1, 5], 0.9), tol=1e-6)

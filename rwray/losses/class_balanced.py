@@ -92,6 +92,8 @@ class CBCEParams(Params):
     beta: float = Field(0.9999, gt=0.0, lt=1.0, description="effective-number β; 0 would be CE, → 1 is inverse frequency")
     drw_epoch: int | None = Field(None, ge=0, description="uniform weights before this epoch, CB from it on; None: CB always")
     reduction: Reduction = Field("weighted_mean", description=REDUCTION_DOC)
+    max_count: int | None = Field(None, ge=1, description="class counts capped at this before the effective number "
+                                  "(ABSGD's iWildCam recipe: 10): every class with more samples weighs the same")
 
 
 def reduce_class_weighted(per_sample: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None,
@@ -117,7 +119,10 @@ def class_balanced_ce(logits: torch.Tensor, targets: torch.Tensor, class_weights
 class ClassBalancedCE(PerSampleLoss):
     def __init__(self, params: CBCEParams, info: DataInfo):
         super().__init__()
-        self.weights = DeferredClassWeights(class_balanced_weights(class_counts(info), params.beta), params.drw_epoch)
+        counts = class_counts(info)  # [C]
+        if params.max_count is not None:
+            counts = counts.clamp_max(float(params.max_count))
+        self.weights = DeferredClassWeights(class_balanced_weights(counts, params.beta), params.drw_epoch)
         self.reduction = params.reduction
 
     def begin_epoch(self, epoch: int) -> None:
