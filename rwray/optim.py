@@ -22,6 +22,9 @@ class OptimConfig(Params):
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     nesterov: bool = False
     weight_decay: float = Field(2e-4, ge=0)
+    # The classifier (`fc`) at its own learning rate, the rest of the model at `lr`; both follow the schedule
+    # (e.g. fine-tuning a pretrained backbone at 0.001 under a fresh head at 0.1). None: one lr for everything.
+    classifier_lr: float | None = Field(None, gt=0)
 
 
 class ScheduleConfig(Params):
@@ -38,8 +41,16 @@ class ScheduleConfig(Params):
         return self
 
 
-def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter],
+                    classifier: Iterable[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """The optimizer over the trainable ``params``; with cfg.classifier_lr, those among ``classifier`` form a second
+    group at that lr (a group left empty, the whole model frozen but the head, is dropped)."""
     params = [p for p in params if p.requires_grad]
+    if cfg.classifier_lr is not None:
+        head = {id(p) for p in classifier}
+        groups = [{"params": [p for p in params if id(p) not in head]},
+                  {"params": [p for p in params if id(p) in head], "lr": cfg.classifier_lr}]
+        params = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
@@ -66,8 +77,10 @@ def lr_factor(cfg: ScheduleConfig, epoch: int, total_epochs: int) -> float:
 
 
 def build_scheduler(cfg: ScheduleConfig, opt: torch.optim.Optimizer, total_epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    base = opt.param_groups[0]["lr"]
-    if cfg.name == "cosine" and cfg.min_lr > 0:
-        floor = cfg.min_lr / base
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: floor + (1 - floor) * lr_factor(cfg, e, total_epochs))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(cfg, e, total_epochs))
+    """Every parameter group follows the same schedule from its own lr; a cosine floor (min_lr) is the same
+    absolute lr for each group."""
+    def factor(base: float):
+        floor = cfg.min_lr / base if cfg.name == "cosine" else 0.0
+        return lambda e: floor + (1 - floor) * lr_factor(cfg, e, total_epochs)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, [factor(g["lr"]) for g in opt.param_groups])

@@ -43,3 +43,31 @@ def test_cosine_after_warmup():
     cfg = ScheduleConfig(name="cosine", warmup_epochs=2)
     assert lr_factor(cfg, 0, 12) == 0.5 and lr_factor(cfg, 2, 12) == 1.0
     assert math.isclose(lr_factor(cfg, 7, 12), 0.5)
+
+
+def test_classifier_lr_puts_the_head_in_its_own_group_and_both_follow_the_schedule():
+    from torch import nn
+
+    from rwray.optim import OptimConfig, build_optimizer, build_scheduler
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    model.fc = nn.Linear(8, 3)
+    opt = build_optimizer(OptimConfig(lr=0.001, classifier_lr=0.1), model.parameters(), model.fc.parameters())
+    backbone, head = opt.param_groups
+    assert [p.shape for p in head["params"]] == [(3, 8), (3,)] and len(backbone["params"]) == 2
+    sched = build_scheduler(ScheduleConfig(name="cosine", min_lr=1e-4), opt, 4)
+    lrs = []
+    for _ in range(4):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    # cosine over 4 epochs from each group's own lr, down to the same absolute floor 1e-4
+    for (b, h), e in zip(lrs, range(4)):
+        f = 0.5 * (1 + math.cos(math.pi * e / 4))
+        assert math.isclose(b, 1e-4 + (0.001 - 1e-4) * f) and math.isclose(h, 1e-4 + (0.1 - 1e-4) * f)
+    # the head alone trainable (a decoupled stage): one group, at classifier_lr
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    (only,) = build_optimizer(OptimConfig(lr=0.001, classifier_lr=0.1), model.parameters(),
+                              model.fc.parameters()).param_groups
+    assert only["lr"] == 0.1 and len(only["params"]) == 2

@@ -51,7 +51,7 @@ from rwray.tracking.system import node_metrics
 from rwray.train import checkpoint
 from rwray.train.batches import epoch_seed
 from rwray.train.compiling import compile_model
-from rwray.train.decoupled import prepare_stage
+from rwray.train.decoupled import classifier_of, prepare_stage
 from rwray.train import plan
 from rwray.train.epoch import EpochTotals, evaluate, grad_scaler, train_epoch, weight_ema
 from rwray.train.progress import EpochTicker, progress_line, sample_trace, status_writer
@@ -125,7 +125,8 @@ def build(cfg: Config) -> Worker:
     method.attach(model, ray.train.torch.prepare_model, device)
     if cfg.train.compile:
         model = compile_model(model, cfg.method.name, method.supports_compile, cfg.train.compile_backend, device)
-    opt = build_optimizer(cfg.optim, model.parameters())
+    opt = build_optimizer(cfg.optim, model.parameters(), classifier_of(dist.unwrap(model)).parameters()
+                          if cfg.optim.classifier_lr is not None else ())
     sched = build_scheduler(cfg.schedule, opt, cfg.train.epochs)
     ema = weight_ema(model, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
     return Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, manifest, info, model, method, opt, sched,
@@ -229,6 +230,8 @@ def run_epoch(w: Worker, data: Data, epoch: int, status: Callable[[int, int], No
                           on_step=on_step, clip_grad_norm=cfg.train.clip_grad_norm, ema=w.ema, scaler=w.scaler,
                           totals=totals)
     metrics[TRAIN_LR] = w.opt.param_groups[0]["lr"]
+    if len(w.opt.param_groups) > 1:  # optim.classifier_lr: the head's own
+        metrics[TRAIN_LR + "_classifier"] = w.opt.param_groups[-1]["lr"]
     if cfg.data.sampler != "uniform":  # the class mix the sampler realised, over all workers
         counts = dist.all_reduce_sum(data.class_samples.to(w.device)).tolist()
         metrics.update({f"{TRAIN_CLASS_SAMPLES}{c}": float(n) for c, n in enumerate(counts)})
