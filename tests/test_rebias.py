@@ -475,3 +475,23 @@ def test_two_workers_equal_one_worker_on_the_global_batch(gloo):
     finally:
         torch.set_default_dtype(torch.float32)
     assert abs(out.metrics["rebias/hsic"] - single["hsic"][0]) > 0.05 * abs(single["hsic"][0])
+
+
+def test_g_cosine_schedule_follows_the_formula_and_is_validated():
+    import math
+
+    from pydantic import ValidationError
+
+    aux = AuxOptimParams(lr=1e-3, schedule="cosine", epochs=120)
+    assert [aux.lr_at(e) for e in (0, 60)] == [pytest.approx(1e-3), pytest.approx(0.5e-3)]
+    assert aux.lr_at(119) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 119 / 120)))
+    step = AuxOptimParams(lr=1e-3, milestones=[2, 4], gamma=0.1)
+    assert [step.lr_at(e) for e in (1, 2, 4)] == [pytest.approx(1e-3), pytest.approx(1e-4), pytest.approx(1e-5)]
+    with pytest.raises(ValidationError, match="set it"):
+        AuxOptimParams(schedule="cosine")
+    with pytest.raises(ValidationError, match="milestones belong to schedule=step"):
+        AuxOptimParams(schedule="cosine", epochs=10, milestones=[5])
+    # the method applies it at every epoch start
+    m = build(ReBiasParams(g_optim=AuxOptimParams(lr=1e-3, schedule="cosine", epochs=4)), f_net())
+    m.begin_epoch(2)
+    assert m.opts["g"].param_groups[0]["lr"] == pytest.approx(0.5e-3)

@@ -36,7 +36,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, model_validator
 from torch import nn
 
 from rwray import dist
@@ -44,7 +44,7 @@ from rwray.datainfo import DataInfo
 from rwray.methods.base import Method, Prepare, StepInputs
 from rwray.models import MODELS, ModelConfig
 from rwray.models.simple_conv import SimpleConvParams
-from rwray.optim import OptimConfig, build_optimizer, step_factor
+from rwray.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_factor, step_factor
 from rwray.registry import Params
 
 # ------------------------------------------------------------------------------------------------------- parameters
@@ -61,6 +61,23 @@ class AuxOptimParams(Params):
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     milestones: list[int] = Field(default_factory=list, description="epochs at which lr is multiplied by gamma")
     gamma: float = Field(0.1, gt=0, le=1)
+    schedule: Literal["step", "cosine"] = Field("step", description="step: the milestones; cosine: from lr to 0 over "
+                                                 "`epochs` (set it to the job's train.epochs)")
+    epochs: int | None = Field(None, ge=1, description="the cosine's length in epochs")
+
+    @model_validator(mode="after")
+    def _cosine_needs_its_length(self) -> "AuxOptimParams":
+        if self.schedule == "cosine" and self.epochs is None:
+            raise ValueError("g_optim.schedule=cosine runs over g_optim.epochs: set it (the job's train.epochs)")
+        if self.schedule == "cosine" and self.milestones:
+            raise ValueError("g_optim: milestones belong to schedule=step; a cosine schedule has none")
+        return self
+
+    def lr_at(self, epoch: int) -> float:
+        """g's learning rate during ``epoch`` (0-based)."""
+        if self.schedule == "cosine":
+            return self.lr * lr_factor(ScheduleConfig(name="cosine"), epoch, self.epochs)
+        return self.lr * step_factor(self.milestones, self.gamma, epoch)
 
     def optim(self) -> OptimConfig:
         """The optimizer part as a job's `optim` section (SGD without Nesterov), for `rwray.optim.build_optimizer`."""
@@ -177,8 +194,7 @@ class TwoNetMethod(Method):
         return build_optimizer(self.params.g_optim.optim(), dist.unwrap(module).parameters())
 
     def _set_lr(self, epoch: int) -> None:
-        aux = self.params.g_optim
-        lr = aux.lr * step_factor(aux.milestones, aux.gamma, epoch)
+        lr = self.params.g_optim.lr_at(epoch)
         for opt in self.opts.values():
             for group in opt.param_groups:
                 group["lr"] = lr
