@@ -1,0 +1,147 @@
+"""What a worker hands on: checkpoints to Ray Train (every train.checkpoint_every epochs, after the best and the last
+epoch, and mid-epoch positions), their restore, the epoch's metrics to MLflow through rank 0's spool once a
+checkpoint covers them, and the run's final artifacts (last weights, test confusion matrix and per-class plot)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rwray import dist, output
+from rwray.metrics import per_class_accuracy
+from rwray.tracking import BufferedRunLogger
+from rwray.train import checkpoint, plan
+from rwray.train.epoch import EpochTotals
+from rwray.train.progress import progress_line
+from rwray.train.worker import Worker
+
+
+def checkpoint_state(w: Worker, epoch: int) -> dict[str, Any]:
+    return {"model": dist.unwrap(w.model).state_dict(), "optimizer": w.opt.state_dict(),
+            "scheduler": w.sched.state_dict(), "method": w.method.state_dict(), "epoch": epoch, "best": w.best,
+            "history": w.history, **({"ema": w.ema.state_dict()} if w.ema is not None else {}),
+            **({"scaler": w.scaler.state_dict()} if w.scaler is not None else {})}
+
+
+def restore(w: Worker, same_run) -> None:
+    """Ray's own checkpoint (a restarted worker group, or a restarted driver reusing the run's Ray folder) wins;
+    otherwise the user's resume= (Train V2 leaves that to us), which starts a new MLflow run and so no history."""
+    import ray.train
+
+    resume = w.cfg.resume
+    restored = same_run or (ray.train.Checkpoint.from_directory(str(resume)) if resume else None)
+    if restored is None:
+        return
+    with restored.as_directory() as d:
+        state = checkpoint.load(d)
+    dist.unwrap(w.model).load_state_dict(state["model"])
+    w.opt.load_state_dict(state["optimizer"])
+    w.sched.load_state_dict(state["scheduler"])
+    w.method.load_state_dict(state["method"])
+    if w.ema is not None and "ema" in state:  # else the average starts again, from the restored weights
+        w.ema.load_state_dict(state["ema"])
+    if w.scaler is not None and "scaler" in state:
+        w.scaler.load_state_dict(state["scaler"])
+    w.start_epoch, w.best = state["epoch"] + 1, state["best"]
+    position = state.get("position")
+    if position is not None and position.get("plan") == plan.PLAN_VERSION:  # else the epoch starts again
+        w.position = position
+    if same_run is not None:
+        w.history = {int(e): h for e, h in state.get("history", {}).items()}
+
+
+def open_log(job: dict[str, Any], w: Worker) -> BufferedRunLogger | None:
+    """Rank 0's logger (None elsewhere). A worker that died between reporting a checkpoint and sending its metrics
+    left a gap: fill it from the checkpoint (same timestamps, so a copy that did arrive is not duplicated). Logged
+    epochs are skipped."""
+    if w.rank != 0:
+        return None
+    log = BufferedRunLogger(job["tracking_uri"], job["run_id"], job["spool_dir"])
+    log_epochs(w, log)
+    return log
+
+
+def log_epochs(w: Worker, log: BufferedRunLogger) -> None:
+    """Send the epochs a checkpoint covers and MLflow has not seen, with the timestamps they were first logged
+    with (a copy that did arrive before a restart is not duplicated)."""
+    for e in sorted(w.history):
+        if e > w.logged:
+            log.log_epoch(e, w.history[e]["metrics"], w.history[e]["ts"])
+            w.logged = e
+
+
+def report_position(w: Worker, epoch: int, stages: plan.Stages, totals: EpochTotals) -> None:
+    """A mid-epoch checkpoint (train.checkpoint_every_steps): the state after the last finished epoch's fields,
+    the weights and optimizer as they are now, and where the epoch stands — the rows each rank consumed
+    (``stages``) and the epoch's sums so far (global: all-reduced here, carried by rank 0 on resume)."""
+    import ray.train
+
+    sums = dist.all_reduce_sum(torch.tensor([totals.loss_sum, float(totals.seen)], dtype=torch.float64,
+                                            device=w.device)).tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if w.rank == 0:
+            state = checkpoint_state(w, epoch - 1)
+            state["position"] = {"epoch": epoch, "stages": [list(s) for s in stages], "plan": plan.PLAN_VERSION,
+                                 "totals": {**totals.state_dict(), "loss_sum": sums[0], "seen": int(sums[1])}}
+            checkpoint.save(tmp, state, w.cfg.to_yaml())
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"epoch": epoch, "step_in_epoch": totals.steps}, checkpoint=ckpt)
+
+
+def report_epoch(w: Worker, epoch: int, metrics: dict[str, float], improved: bool,
+                 log: BufferedRunLogger | None) -> None:
+    """Report the epoch to Ray Train, with a checkpoint (rank 0 writes it) every train.checkpoint_every epochs and
+    after the last; then log the metrics the checkpoint covers."""
+    import ray.train
+
+    cfg = w.cfg.train
+    w.history[epoch] = {"ts": int(time.time() * 1000), "metrics": dict(metrics)}
+    due = (epoch + 1) % cfg.checkpoint_every == 0 or epoch == cfg.epochs - 1
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if w.rank == 0 and (due or improved):  # the best epoch's state is logged even between checkpoints
+            checkpoint.save(tmp, checkpoint_state(w, epoch), w.cfg.to_yaml())
+            ckpt = ray.train.Checkpoint.from_directory(tmp) if due else None
+        ray.train.report(metrics, checkpoint=ckpt)
+        if log is not None:
+            if due:  # only now: a restart resumes after this epoch, so it will not run (and log) these again
+                log_epochs(w, log)
+            if improved:
+                log.artifact(Path(tmp) / checkpoint.STATE, "checkpoints/best")
+            say(w, progress_line(epoch, cfg.epochs, metrics, cfg.select_metric))
+
+
+def say(w: Worker, line: str) -> None:
+    output.worker_line(f"{w.label}  {line}" if w.label else line)
+
+
+def log_final_artifacts(log: BufferedRunLogger, w: Worker) -> None:
+    """The last weights, and the test split's confusion matrix and per-class accuracy at the best epoch."""
+    from rwray import plots  # matplotlib: imported by the worker that draws, not by every driver
+
+    best, classes, info = w.best, w.manifest.classes, w.info
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch.save(dist.unwrap(w.model).state_dict(), tmp / "model.pt")
+        log.artifact(tmp / "model.pt", "checkpoints/last")
+        if w.ema is not None:  # the weights the metrics were measured on
+            torch.save(w.ema.module.state_dict(), tmp / "model_ema.pt")
+            log.artifact(tmp / "model_ema.pt", "checkpoints/last")
+        cm = best["cms"]["test"]
+        acc = per_class_accuracy(cm).nan_to_num(0).tolist()
+        (tmp / "confusion_matrix.json").write_text(json.dumps({"classes": classes, "rows_true_cols_pred": cm.tolist(),
+                                                                 "epoch": best["epoch"], "split": "test"}))
+        plots.per_class_accuracy(acc, info.class_counts, classes,
+                                 f"test accuracy per class (epoch {best['epoch'] + 1}, chosen on val)",
+                                 tmp / "per_class_accuracy.png")
+        plots.confusion_matrix(cm.numpy(), classes, "test confusion matrix (row-normalised)", tmp / "confusion_matrix.png")
+        for name in ("confusion_matrix.json", "per_class_accuracy.png", "confusion_matrix.png"):
+            log.artifact(tmp / name, "evaluation")
+        for path in w.method.artifacts(str(tmp)):
+            log.artifact(path, "method")
