@@ -39,10 +39,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def started(cmd: list[str], log: Path):
+def started(cmd: list[str], log: Path, env: dict[str, str] | None = None):
     """A child process in a new session (its own process group), killed with all its children on exit."""
     with open(log, "wb") as out:
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                             env={**os.environ, **(env or {})})
     try:
         yield p
     finally:
@@ -190,8 +191,8 @@ def main() -> int:
         exp, run = latest_run(store)
         port = free_port()
         ui = [str(BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-              "--host", "127.0.0.1", "--port", str(port)]
-        with started(ui, tmp / "mlflow-ui.log"):
+              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # one page to serve: one worker
+        with started(ui, tmp / "mlflow-ui.log", {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}):  # no job runner
             base = f"http://127.0.0.1:{port}"
             wait_http(f"{base}/health", 120, tmp / "mlflow-ui.log")
             asyncio.run(shoot_run(chromium, f"{base}/#/experiments/{exp}/runs/{run}", args.out, tmp))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -134,24 +134,24 @@ def check_data(model: Model, manifest: Manifest, split: str) -> None:
 # ------------------------------------------------------------------------------------------------ scoring
 
 
-def images_of(table, manifest: Manifest, crop: tuple[int, int] | None) -> np.ndarray:
-    """An Arrow table of shard rows -> the model's input, [n, C, H, W] uint8 (encoded: the evaluation crop)."""
+def image_reader(manifest: Manifest, crop: tuple[int, int] | None) -> Callable[[Any], np.ndarray]:
+    """A function from an Arrow table of shard rows to the model's input, [n, C, H, W] uint8 (encoded images: the
+    evaluation crop, by one decoder built here for every table it reads)."""
     from rwray.train.batches import column_values
 
-    index = column_values(table.column("index"))
     if manifest.encoded:
         from rwray.data.decode import Decoder, ImageTransform
 
         decode = Decoder(ImageTransform(crop[0], crop[1], "none"), train=False)
-        return decode(table.column("image").to_pylist(), index, 0, 0)
-    rows = column_values(table.column("image"))  # [n, C*H*W]
-    return np.ascontiguousarray(rows).reshape(len(rows), *manifest.image_shape)
+        return lambda table: decode(table.column("image").to_pylist(), column_values(table.column("index")), 0, 0)
+    # arrays: [n, C*H*W] rows
+    return lambda table: np.ascontiguousarray(column_values(table.column("image"))).reshape(
+        table.num_rows, *manifest.image_shape)
 
 
-def extras_of(table) -> dict[str, np.ndarray]:
-    from rwray.train.batches import column_values
-
-    return {c: column_values(table.column(c)) for c in table.column_names if c != "image"}
+def kept_columns(table) -> list[str]:
+    """The columns a scored row keeps: all but the image (index, label and the extra columns)."""
+    return [c for c in table.column_names if c != "image"]
 
 
 def score_rows(module: torch.nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -177,26 +177,29 @@ def scored(model: Model, manifest: Manifest, split: str, batch_size: int, ray: b
         return
     import pyarrow.parquet as pq
 
-    module = model.load()
+    from rwray.train.batches import column_values
+
+    module, images = model.load(), image_reader(manifest, model.crop)
     for p in paths:
         f = pq.ParquetFile(p)
         for g in range(f.num_row_groups):
             table = f.read_row_group(g)
-            yield {**extras_of(table), "probs": score_rows(module, images_of(table, manifest, model.crop), batch_size)}
+            yield {**{c: column_values(table.column(c)) for c in kept_columns(table)},
+                   "probs": score_rows(module, images(table), batch_size)}
 
 
 class _Scorer:
     """One Ray Data actor: the model loaded once, then batches of shard rows -> rows with probabilities."""
 
     def __init__(self, model: Model, manifest_dir: str, batch_size: int):
-        self.model, self.manifest, self.batch_size = model, Manifest.load(manifest_dir), batch_size
-        self.module = model.load()
+        self.model, self.batch_size = model, batch_size
+        self.module, self.images = model.load(), image_reader(Manifest.load(manifest_dir), model.crop)
 
     def __call__(self, table):
         import pyarrow as pa
 
-        probs = score_rows(self.module, images_of(table, self.manifest, self.model.crop), self.batch_size)
-        cols = {c: table.column(c) for c in table.column_names if c != "image"}
+        probs = score_rows(self.module, self.images(table), self.batch_size)
+        cols = {c: table.column(c) for c in kept_columns(table)}
         k = probs.shape[1] if probs.size else len(self.model.classes)
         cols["probs"] = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1), pa.float32()), k)
         return pa.table(cols)
