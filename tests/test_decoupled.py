@@ -72,17 +72,26 @@ def test_a_checkpoint_of_another_model_is_refused_before_any_worker(tmp_path, di
 
 def test_crt_on_ray_keeps_the_first_stage_features_and_retrains_the_head(tmp_path, digits_dir, ray_local):
     """Stage 1: ERM. Stage 2 (cRT): init_from stage 1's last checkpoint, classifier only, re-initialised,
-    class-balanced batches, 2 workers. The features of stage 2's checkpoint are stage 1's, bit for bit."""
+    class-balanced batches, 2 workers; and stage 2 as BALMS (meta_sampler). The features of the second stages'
+    checkpoints are stage 1's, bit for bit."""
     from rwray.train.launch import run
 
     first = run(job(tmp_path, digits_dir, name="stage1", train={"epochs": 2}))
     second = run(job(tmp_path, digits_dir, name="stage2", data={"sampler": "class_balanced"},
                      train={"epochs": 2, "init_from": first.checkpoint_path, "trainable": "classifier",
                             "reinit_classifier": True}))
-    a, b = checkpoint.load(first.checkpoint_path)["model"], checkpoint.load(second.checkpoint_path)["model"]
-    for k in a:
-        assert torch.equal(a[k], b[k]) != k.startswith("fc."), k
-    assert 0 <= second.metrics["val/balanced_acc"] <= 1
+    # BALMS: the Meta Sampler's class weights on uniform batches, its rates learned on the all-gathered batch
+    balms = run(job(tmp_path, digits_dir, name="stage2-balms", method={"name": "meta_sampler", "init_pow": 0.3},
+                    train={"epochs": 2, "init_from": first.checkpoint_path, "trainable": "classifier",
+                           "reinit_classifier": True}))
+    a = checkpoint.load(first.checkpoint_path)["model"]
+    for second_stage in (second, balms):
+        b = checkpoint.load(second_stage.checkpoint_path)["model"]
+        for k in a:
+            assert torch.equal(a[k], b[k]) != k.startswith("fc."), k
+        assert 0 <= second_stage.metrics["val/balanced_acc"] <= 1
+    assert balms.metrics["meta/loss"] > 0 and balms.metrics["meta/classes_in_meta_set"] == 10
+    assert balms.metrics["meta/weight_max"] > balms.metrics["meta/weight_min"]  # init_pow 0.3: rare classes weigh more
 
 
 def test_a_second_stage_without_a_first_is_refused():

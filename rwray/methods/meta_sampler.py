@@ -127,12 +127,15 @@ class MetaSampler(Method):
         self.bank: torch.Tensor | None = None  # [C, S, D], built at the first step (D from the features)
         self.filled = torch.zeros(info.num_classes, params.slots, dtype=torch.bool)
         self.seen = torch.zeros(info.num_classes, dtype=torch.int64)
+        self.meta_sum = torch.zeros(2, dtype=torch.float64)  # this epoch's (Σ meta loss, meta steps): no host sync a step
+        self._epoch: int | None = None  # the epoch meta_sum belongs to
 
     def attach(self, model: nn.Module, prepare, device: torch.device) -> None:
         self.head = getattr(dist.unwrap(model), "fc", None)  # every model of the registry names its classifier fc
         if not isinstance(self.head, nn.Module):
             raise ValueError(f"meta_sampler: {type(dist.unwrap(model)).__name__} has no classifier `fc` to look ahead with")
         self.counts, self.filled, self.seen = self.counts.to(device), self.filled.to(device), self.seen.to(device)
+        self.meta_sum = self.meta_sum.to(device)
         with torch.no_grad():
             theta = self.theta.detach().to(device)
         self.theta = theta.requires_grad_(True)
@@ -142,6 +145,9 @@ class MetaSampler(Method):
 
     def begin_epoch(self, epoch: int) -> None:
         self.loss.begin_epoch(epoch)
+        if epoch != self._epoch:  # a mid-epoch resume keeps the epoch's sums from its checkpoint
+            self.meta_sum.zero_()
+        self._epoch = epoch
 
     def step(self, inputs: StepInputs) -> StepOutput:
         losses = self.loss(inputs.logits, inputs.y)  # [B]
@@ -151,7 +157,6 @@ class MetaSampler(Method):
         y = dist.all_gather_cat(inputs.y)  # [B_global]
         if self.bank is None:
             self.bank = torch.zeros(*self.filled.shape, feats.shape[1], device=feats.device)
-        metrics: dict[str, float] = {}
         if self.filled.any():  # from the second step: the meta set is the classes seen before this batch
             with torch.autocast(feats.device.type, enabled=False):
                 meta = lookahead_meta_loss(self.head, self.theta, self.counts, feats, y, self.loss, inputs.lr,
@@ -159,14 +164,17 @@ class MetaSampler(Method):
                 self.opt.zero_grad(set_to_none=True)
                 meta.backward(inputs=[self.theta])
             self.opt.step()
-            metrics["meta/loss"] = float(meta.detach())
+            self.meta_sum += torch.stack([meta.detach().double(), torch.ones((), dtype=torch.float64,
+                                                                             device=meta.device)])
         bank_write(self.bank, self.filled, self.seen, feats, y)
-        return StepOutput(losses=losses, weights=weights.to(losses.dtype), metrics=metrics)
+        return StepOutput(losses=losses, weights=weights.to(losses.dtype))
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         v = class_weights(self.theta.detach(), self.counts)
         present = self.counts > 0
-        return {"meta/weight_max": float(v[present].max()), "meta/weight_min": float(v[present].min()),
+        total, steps = self.meta_sum.tolist()
+        return {**({"meta/loss": total / steps} if steps else {}),  # over the steps that had a meta set
+                "meta/weight_max": float(v[present].max()), "meta/weight_min": float(v[present].min()),
                 "meta/classes_in_meta_set": float(self.filled.any(1).sum())}
 
     def artifacts(self, out_dir: str) -> list[str]:
@@ -186,7 +194,8 @@ class MetaSampler(Method):
 
     def state_dict(self) -> dict[str, Any]:
         return {"theta": self.theta.detach().cpu(), "opt": self.opt.state_dict(), "filled": self.filled.cpu(),
-                "seen": self.seen.cpu(), "bank": None if self.bank is None else self.bank.cpu()}
+                "seen": self.seen.cpu(), "bank": None if self.bank is None else self.bank.cpu(),
+                "meta_sum": self.meta_sum.cpu(), "epoch": self._epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.counts.device
@@ -195,3 +204,4 @@ class MetaSampler(Method):
         self.opt.load_state_dict(state["opt"])
         self.filled, self.seen = state["filled"].to(device), state["seen"].to(device)
         self.bank = None if state["bank"] is None else state["bank"].to(device)
+        self.meta_sum, self._epoch = state["meta_sum"].to(device), state["epoch"]
