@@ -52,11 +52,13 @@ METHODS = {
     "crt": ("cRT on the ERM model", "digits_crt.yaml"),
     "lws": ("LWS on the ERM model", "digits_lws.yaml"),
     "tau_norm": ("τ-norm on the ERM model", "digits_tau_norm.yaml"),
+    "bs_decoupled": ("Balanced Softmax re-trained on the ERM model", "digits_bs_decoupled.yaml"),
+    "balms": ("BALMS (+ Meta Sampler weights) on the ERM model", "digits_balms.yaml"),
 }
 # Overrides of a row beyond its job file: the official Balanced Meta-Softmax augmentation, scaled to 8 px images.
 EXTRA = {"bs_autoaugment": ["data.policy=autoaugment", "data.autoaugment_policy=cifar10", "data.cutout=4"]}
 STAGE1 = "erm"  # decoupled second stages start from this method's final checkpoint of the same IF and seed
-STAGE2 = ("crt", "lws", "tau_norm")  # their own epochs (the job's), not --epochs
+STAGE2 = ("crt", "lws", "tau_norm", "bs_decoupled", "balms")  # their own epochs (the job's), not --epochs
 TUNED = "absgd"  # λ tuned on val for this method ...
 SHARES_LAMBDA = "absgd_bs"  # ... and reused by this one
 TAU = "tau_norm"  # τ tuned on val (seed 0), like λ
@@ -363,7 +365,10 @@ def section(res: dict, args: argparse.Namespace) -> str:
         "learns one scale per class, 10 class-balanced epochs; τ-norm trains nothing, it divides each class's "
         "weight vector by its norm to the power τ, τ chosen on validation (below). Their selected epoch is of the "
         "second stage; the ERM row's test numbers are at its own validation-selected epoch, not the final one "
-        "the second stages start from.",
+        "the second stages start from. Balanced Softmax re-trained: a new classifier trained 10 epochs with "
+        "Balanced Softmax on uniform epochs (the Balanced Meta-Softmax repository's decoupled stage); BALMS: the "
+        "same plus its Meta Sampler's class rates, meta-learned on a class-balanced look-ahead loss and applied as "
+        "class weights (`method: meta_sampler`, init_pow 0.3, meta lr 0.01).",
         "",
         f"**Code.** Every run imported one frozen copy of `rwray` (source hash "
         f"{', '.join(sorted({r.get('code') or '?' for r in res['runs'].values()}))}; git HEAD "
@@ -489,6 +494,13 @@ def what_we_see(res: dict, args: argparse.Namespace) -> str:
                      + "; ".join(groups["same"]) + ".")
         if groups["worse"]:
             text += " Worse than ERM on every seed: " + "; ".join(groups["worse"]) + "."
+        # Does the Meta Sampler add anything over the decoupled Balanced Softmax stage it is stacked on?
+        d = _paired(res, args, "balms", "bs_decoupled", f, "test_balanced_acc")
+        if len(d) >= 2:
+            v = {"better": "better than", "worse": "worse than", "same": "not distinguishable from"}[_verdict(d)]
+            text += (f" BALMS's Meta Sampler changes the decoupled Balanced Softmax stage's balanced accuracy by "
+                     f"{100 * statistics.fmean(d):+.1f} ± {100 * statistics.stdev(d):.1f} points (paired): {v} the "
+                     f"stage without it.")
         # Does stacking ABSGD on Balanced Softmax add anything over Balanced Softmax alone?
         d = _paired(res, args, SHARES_LAMBDA, "balanced_softmax", f, "test_balanced_acc")
         if len(d) >= 2:
