@@ -34,7 +34,7 @@ class StepInputs:
     step: int  # step within the epoch
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # extra shard columns, [B] each
     mix: Mix | None = None  # mixup / CutMix: second targets and shares; only for methods with supports_mix
-    lr: float = 0.0  # the optimizer's current learning rate (first parameter group), for look-ahead methods
+    lr: float = 0.0  # the optimizer's current lr (its last group: the classifier's under optim.classifier_lr)
 
 
 @dataclass

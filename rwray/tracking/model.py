@@ -150,7 +150,6 @@ def add_version(uri: str, name: str, model_uri: str, model_id: str, run_id: str,
     return int(version.version)
 
 
-
 def alias_for(label: str) -> str:
     """A registry alias naming ``label`` (MLflow takes word characters and '-', and reserves 'latest' and 'v<N>'):
     every other run of characters becomes '-'; a reserved result is prefixed with 'row-', an empty one is 'row'."""

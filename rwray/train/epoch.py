@@ -141,7 +141,7 @@ def train_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, ba
                 with autocast(b.x.device, amp):
                     logits, feats = model(b.x, return_features=True)
                 out = method.step(StepInputs(model, b.x, b.y, b.index, logits, feats, epoch, step, b.extras, b.mix,
-                                                 lr=opt.param_groups[0]["lr"]))
+                                                 lr=opt.param_groups[-1]["lr"]))
                 bad = ~torch.isfinite(out.losses.detach()) | ~torch.isfinite(out.weights)
                 if bad.any():
                     raise NonFiniteLoss(epoch, step, b.index[bad].tolist())
