@@ -90,8 +90,8 @@ def lookahead_meta_loss(head: nn.Module, theta: torch.Tensor, counts: torch.Tens
     ce = F.cross_entropy(meta_logits, targets, reduction="none").reshape(c, s)
     mask = filled.to(ce.dtype)
     per_class = (ce * mask).sum(1) / mask.sum(1).clamp(min=1)  # [C]
-    present = filled.any(1)
-    return per_class[present].mean()
+    present = filled.any(1).to(ce.dtype)  # [C]: classes with a feature in the meta set
+    return (per_class * present).sum() / present.sum()
 
 
 def bank_write(bank: torch.Tensor, filled: torch.Tensor, seen: torch.Tensor, feats: torch.Tensor, y: torch.Tensor
@@ -133,12 +133,11 @@ class MetaSampler(Method):
     def attach(self, model: nn.Module, prepare, device: torch.device) -> None:
         self.head = getattr(dist.unwrap(model), "fc", None)  # every model of the registry names its classifier fc
         if not isinstance(self.head, nn.Module):
-            raise ValueError(f"meta_sampler: {type(dist.unwrap(model)).__name__} has no classifier `fc` to look ahead with")
+            raise ValueError(f"meta_sampler: {type(dist.unwrap(model)).__name__} has no classifier `fc` to look "
+                             f"ahead with")
         self.counts, self.filled, self.seen = self.counts.to(device), self.filled.to(device), self.seen.to(device)
         self.meta_sum = self.meta_sum.to(device)
-        with torch.no_grad():
-            theta = self.theta.detach().to(device)
-        self.theta = theta.requires_grad_(True)
+        self.theta = self.theta.detach().to(device).requires_grad_(True)
         state = self.opt.state_dict()
         self.opt = torch.optim.Adam([self.theta], lr=self.params.meta_lr)
         self.opt.load_state_dict(state)  # moves Adam's moments to the device
@@ -155,9 +154,9 @@ class MetaSampler(Method):
             weights = class_weights(self.theta, self.counts)[inputs.y]  # [B], θ before this step's meta update
         feats = dist.all_gather_cat(inputs.features.detach().float())  # [B_global, D]
         y = dist.all_gather_cat(inputs.y)  # [B_global]
-        if self.bank is None:
+        if self.bank is None:  # the run's first step: no meta set yet (it is the classes seen before a batch)
             self.bank = torch.zeros(*self.filled.shape, feats.shape[1], device=feats.device)
-        if self.filled.any():  # from the second step: the meta set is the classes seen before this batch
+        else:
             with torch.autocast(feats.device.type, enabled=False):
                 meta = lookahead_meta_loss(self.head, self.theta, self.counts, feats, y, self.loss, inputs.lr,
                                            self.bank, self.filled)
