@@ -292,8 +292,9 @@ TRACKING = typer.Option(None, "--tracking-uri", help="MLflow store of the source
 def _inference_setup(source: str, data: Path, split: str, tracking_uri: Optional[str], ray: Optional[bool]):
     from rwray.data import Manifest
     from rwray.inference import check_data, load_source
+    from rwray.tracking import store_uri
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs').resolve() / 'mlflow.db'}"
+    uri = store_uri(tracking_uri)  # an explicit --tracking-uri, else $MLFLOW_TRACKING_URI, else ./runs/mlflow.db
     model = load_source(source, uri)
     manifest = Manifest.load(data)
     check_data(model, manifest, split)

@@ -7,8 +7,9 @@ Which MLflow run a job continues, and from which Ray Train checkpoint, is decide
 
 from rwray.tracking.datasets import log_datasets
 from rwray.tracking.spool import BufferedRunLogger, replay, spool_dir
-from rwray.tracking.store import RunLogger, artifact_root, finish, open_store, preflight, resolve_uri, start_run
+from rwray.tracking.store import (RunLogger, artifact_root, finish, open_store, preflight, resolve_uri, start_run,
+                                  store_uri)
 from rwray.tracking.transport import client, quick_http
 
 __all__ = ["BufferedRunLogger", "RunLogger", "artifact_root", "client", "finish", "log_datasets", "open_store",
-           "preflight", "quick_http", "replay", "resolve_uri", "spool_dir", "start_run"]
+           "preflight", "quick_http", "replay", "resolve_uri", "spool_dir", "start_run", "store_uri"]

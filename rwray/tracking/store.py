@@ -25,15 +25,17 @@ from rwray.tracking.transport import client, quick_http, retry, sleep_until
 PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 
 
+def store_uri(uri: str | None, output_dir: str | Path = "runs") -> str:
+    """``uri``, else $MLFLOW_TRACKING_URI, else an absolute sqlite path under the local ``output_dir``."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(output_dir).resolve() / 'mlflow.db')}"
+
+
 def resolve_uri(cfg: Config) -> str:
     """tracking.uri, else $MLFLOW_TRACKING_URI, else an absolute sqlite path under output_dir."""
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    if cfg.remote_output:
+    if cfg.remote_output and not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
         raise TrackingError(f"output_dir is {cfg.output_dir}: a local MLflow store cannot live there. Set "
                             f"tracking.uri (or MLFLOW_TRACKING_URI) to your MLflow server, e.g. the head node's.")
-    return f"sqlite:///{(Path(cfg.output_dir).resolve() / 'mlflow.db')}"
+    return store_uri(cfg.tracking.uri, cfg.output_dir)
 
 
 def artifact_root(cfg: Config) -> str | None:
