@@ -6,15 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from rwray.errors import TrackingError
+from rwray.tracking.store import RunLogger
 from rwray.tracking.transport import client, quick_http
 
 
 def log_evaluation(uri: str, model: Any, manifest: Any, split: str, metrics: dict[str, float]) -> str:
     """One finished run holding ``metrics`` and what produced them. -> its id. ``model``: an
     `rwray.inference.Model`; ``manifest``: the scored data's `rwray.data.Manifest`."""
-    import time
-
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Param, RunTag
     from mlflow.exceptions import MlflowException
 
     try:
@@ -31,9 +30,9 @@ def log_evaluation(uri: str, model: Any, manifest: Any, split: str, metrics: dic
             if source_run is not None:  # shown under the training run in the UI
                 tags.update({"mlflow.parentRunId": model.run_id, "rwray.source_run": model.run_id})
             run = c.create_run(experiment, run_name=f"evaluate {manifest.dir.name}/{split}", tags=tags)
-            now = int(time.time() * 1000)
+            # in batches of MLflow's 1,000 (per-class metrics of a 1,000-class split alone exceed one)
+            RunLogger(uri, run.info.run_id).metrics(dict(sorted(metrics.items())), step=0)
             c.log_batch(run.info.run_id,
-                        metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())],
                         params=[Param("source", model.source[:500]), Param("data", str(manifest.dir)[:500]),
                                 Param("split", split)],
                         tags=[RunTag("mlflow.note.content", f"rwray evaluate {model.source} --data {manifest.dir} "
