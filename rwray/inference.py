@@ -87,25 +87,24 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> Model:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from rwray.tracking.model import _fluent_uri
+    from rwray.tracking.model import fluent_uri
 
-    with _fluent_uri(tracking_uri or mlflow.get_tracking_uri()):
+    resolved = tracking_uri or mlflow.get_tracking_uri()
+    with fluent_uri(resolved):
         try:
             info = mlflow.models.get_model_info(uri)
         except (MlflowException, OSError) as e:
-            raise SourceError(f"no model at {uri} in {tracking_uri or mlflow.get_tracking_uri()}: "
-                              f"{str(e).splitlines()[0][:300]}") from None
+            raise SourceError(f"no model at {uri} in {resolved}: {str(e).splitlines()[0][:300]}") from None
     meta = (info.metadata or {}).get("rwray") or {}  # `rwray.train.export.describe`, logged by the driver
     if "classes" not in meta or "input" not in meta:
         raise SourceError(f"{uri} is not a model rwray logged (its MLmodel has no rwray metadata)")
     shape = tuple(meta["input"]["shape"][1:])
     crop = tuple(meta["eval_crop"]) if meta.get("eval_crop") else None
-    resolved = tracking_uri or mlflow.get_tracking_uri()
 
     def load() -> torch.nn.Module:
         import mlflow.pytorch
 
-        with _fluent_uri(resolved):
+        with fluent_uri(resolved):
             return mlflow.pytorch.load_model(uri)
 
     return Model(load, list(meta["classes"]), list(meta.get("class_counts") or []), shape, crop, uri, info.run_id,

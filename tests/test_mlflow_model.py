@@ -29,7 +29,7 @@ def fluent(uri: str):
     """`mlflow.pyfunc.load_model("models:/...")` resolves through the global tracking URI: set it for the block and
     put back exactly what was there (MLflow's get_tracking_uri() reports a default even when nothing is set, and
     setting that default back would pin every later test of the process to ./mlflow.db)."""
-    return logged._fluent_uri(uri)
+    return logged.fluent_uri(uri)
 
 
 def served_images(manifest: Manifest, split: str = "test") -> tuple[np.ndarray, np.ndarray]:

@@ -69,7 +69,7 @@ def logged_model(uri: str, run_id: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _fluent_uri(uri: str) -> Iterator[None]:
+def fluent_uri(uri: str) -> Iterator[None]:
     """`mlflow.pytorch.log_model` is fluent: it logs to the global tracking URI. Point it at this run's store for
     the call, then restore both the global and MLFLOW_TRACKING_URI (MLflow's own `_use_tracking_uri` unsets the
     variable when no global was set, which would move the next job of this process to another store)."""
@@ -112,7 +112,7 @@ def log_model(uri: str, run_id: str, module, example: np.ndarray, num_classes: i
     run = registry.get_run(run_id)
     entry = registry.create_logged_model(run.info.experiment_id, name=ARTIFACT, source_run_id=run_id,
                                          params=dict(run.data.params), tags=dict(tags))
-    with _fluent_uri(uri):
+    with fluent_uri(uri):
         info = mlflow.pytorch.log_model(
             module, name=ARTIFACT, model_id=entry.model_id, run_id=run_id, step=step, signature=signature,
             input_example=example, serialization_format="pt2", metadata=dict(metadata), extra_files=extra_files,
@@ -140,7 +140,7 @@ def add_version(uri: str, name: str, model_uri: str, model_id: str, run_id: str,
     """A new version of ``name`` pointing at the logged model. -> its number."""
     from mlflow.exceptions import MlflowException
 
-    with _fluent_uri(uri):  # a sqlite registry resolves models:/<id> through the global URI
+    with fluent_uri(uri):  # a sqlite registry resolves models:/<id> through the global URI
         try:
             version = client(uri).create_model_version(name, source=model_uri, run_id=run_id, tags=dict(tags),
                                                        model_id=model_id)
