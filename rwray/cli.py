@@ -310,39 +310,50 @@ def evaluate(source: str = SOURCE, data: Path = DATA,
              split: str = typer.Option("test", "--split", help="the split to score (val, test, or an extra one)"),
              tracking_uri: Optional[str] = TRACKING, ray: Optional[bool] = ON_RAY,
              log: bool = typer.Option(True, "--log/--no-log", help="record the metrics as a new MLflow run"),
+             per_class: Optional[Path] = typer.Option(None, "--per-class", help="also write the per-class table "
+                                                      "(class, name, counts, accuracy) here: .parquet or .csv"),
              verbose: bool = VERBOSE) -> None:
     """Score a trained model on any shard directory with its classes: the metrics table, and a new MLflow run
-    linked to the source."""
+    linked to the source (with the per-class table as an artifact)."""
     with terminal(verbose):
-        from rwray.inference import evaluate as score, table_rows
+        from rwray import tables
+        from rwray.inference import class_table, count, metrics_of, table_rows
         from rwray.tracking.evaluation import log_evaluation
 
         model, manifest, uri = _inference_setup(source, data, split, tracking_uri, ray)
-        metrics = score(model, manifest, split, ray=ray)
+        counts = count(model, manifest, split, ray=ray)
+        metrics = metrics_of(model, manifest, split, counts)
         console.print(f"{model.source} on {manifest.dir}, split {split} ({manifest.num_samples(split)} images)")
         t = Table()
         t.add_column("metric")
         t.add_column("%", justify="right")
-        for name, value in table_rows(metrics, split, model.classes):
+        for name, value in table_rows(metrics, split, model.classes, counts.confusion):
             t.add_row(name, value)
         Console().print(t)
+        columns = class_table(model, manifest, split, counts)
+        if per_class is not None:
+            tables.write_table(per_class, columns)
+            console.print(f"per-class table ({len(model.classes)} classes): {per_class}")
         if log:
-            run_id = log_evaluation(uri, model, manifest, split, metrics)
-            console.print(f"MLflow run {run_id} in {uri}")
+            run_id, where = log_evaluation(uri, model, manifest, split, metrics, columns)
+            console.print(f"MLflow run {run_id} in {uri}; per-class table: {where}")
 
 
 @app.command()
 def predict(source: str = SOURCE, data: Path = DATA,
             out: Path = typer.Option(..., "--out", help="the Parquet file to write"),
             split: str = typer.Option("test", "--split", help="the split to score"),
+            top: Optional[int] = typer.Option(None, "--top", min=1, help="keep the TOP most probable classes and "
+                                              "their probabilities (top_classes, top_probs) instead of all K"),
             tracking_uri: Optional[str] = TRACKING, ray: Optional[bool] = ON_RAY, verbose: bool = VERBOSE) -> None:
     """Per-sample predictions of a trained model: index, label, predicted class and class probabilities."""
     with terminal(verbose):
         from rwray.inference import predict as write
 
         model, manifest, _ = _inference_setup(source, data, split, tracking_uri, ray)
-        n = write(model, manifest, split, out, ray=ray)
-        console.print(f"wrote {n} rows (index, label, pred, probs[{len(model.classes)}]) to {out}")
+        n = write(model, manifest, split, out, ray=ray, top=top)
+        what = f"probs[{len(model.classes)}]" if top is None else f"top_classes[{top}], top_probs[{top}]"
+        console.print(f"wrote {n} rows (index, label, pred, {what}) to {out}")
 
 
 def _summary(name: str, result) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from rwray.data import Manifest
 from rwray.errors import DataError, RwrayError, SourceError
-from rwray.metrics import bias_cell_counts, confusion_matrix, split_metrics
+from rwray.metrics import CLASS_METRICS_MAX, Confusion, bias_cell_counts, class_columns, per_class_accuracy, split_metrics
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 RAY_BYTES = 1 << 30  # a split whose shards exceed this is scored on Ray (when Ray is not forced either way)
@@ -114,14 +114,19 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> Model:
 def check_data(model: Model, manifest: Manifest, split: str) -> None:
     """The shard directory holds ``split`` with the model's classes and image shape: refused otherwise, with what
     differs."""
+    from rwray.text import plural, some
+
     problems = []
     splits = ["train", *manifest.eval_splits]
     if split not in splits:
         problems.append(f"no split {split!r} (it has {', '.join(splits)})")
     if manifest.classes != model.classes:
+        # positions where both lists have a name and the names differ: the first few, and how many (8,142 at most)
         diff = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(model.classes, manifest.classes)) if a != b]
         problems.append(f"another class list: the model's {len(model.classes)} classes against the data's "
-                        f"{len(manifest.classes)}" + (f" (first differences {'; '.join(diff[:3])})" if diff else ""))
+                        f"{len(manifest.classes)}" + (f" ({plural(len(diff), 'position')} "
+                                                      f"{'differs' if len(diff) == 1 else 'differ'}; first differences "
+                                                      f"{some(diff, 3, '; ')})" if diff else ""))
     shape = (3, *model.input_shape[1:]) if manifest.encoded else tuple(manifest.image_shape)
     if manifest.encoded != (model.crop is not None) or shape != tuple(model.input_shape):
         problems.append(f"images of shape {list(shape)} ({'encoded' if manifest.encoded else 'arrays'}), and the "
@@ -220,29 +225,59 @@ def _scored_on_ray(model: Model, manifest: Manifest, paths: list[str], batch_siz
 # ------------------------------------------------------------------------------------------------ evaluate / predict
 
 
-def evaluate(model: Model, manifest: Manifest, split: str, batch_size: int = 512, ray: bool | None = None
-             ) -> dict[str, float]:
-    """The split's metrics, as a training run logs them for its eval splits (`rwray.metrics.split_metrics`): top-1,
-    balanced, many / medium / few-shot by the model's training counts, per class, worst class, and the (class,
-    bias) cells where the data has a ``bias`` column."""
+@dataclass
+class Counts:
+    """What scoring a split counted."""
+
+    confusion: Confusion  # (true, predicted) pairs, sparse: O(N + K)
+    cells: torch.Tensor | None  # [2, K, K] (correct, total) per (class, bias) cell, for data with a ``bias`` column
+
+
+def count(model: Model, manifest: Manifest, split: str, batch_size: int = 512, ray: bool | None = None) -> Counts:
+    """Score the split and count its (true, predicted) pairs (and bias cells where the data has them)."""
     k = len(model.classes)
-    cm = torch.zeros(k, k, dtype=torch.int64)
+    ids: list[torch.Tensor] = []  # per row group [n] true * K + predicted
     has_bias = "bias" in manifest.extra_columns
     cells = torch.zeros(2, k, k, dtype=torch.int64) if has_bias else None
     for rows in scored(model, manifest, split, batch_size, ray):
         preds = torch.from_numpy(np.array(rows["probs"])).argmax(1)
         y = torch.from_numpy(np.array(rows["label"])).long()
-        cm += confusion_matrix(preds, y, k)
+        ids.append(y * k + preds)
         if cells is not None:
             cells += bias_cell_counts(preds, y, torch.from_numpy(np.array(rows["bias"])).long(), k, k)
-    counts = model.class_counts or manifest.class_counts("train")
-    return split_metrics(split, cm, cells, counts)
+    flat = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64)
+    return Counts(Confusion.from_ids(flat, torch.ones_like(flat), k), cells)
+
+
+def metrics_of(model: Model, manifest: Manifest, split: str, counts: Counts) -> dict[str, float]:
+    """The split's metrics, as a training run logs them for its eval splits (`rwray.metrics.split_metrics`): top-1,
+    balanced, many / medium / few-shot by the model's training counts, macro F1, worst class, per class (up to
+    CLASS_METRICS_MAX classes), and the (class, bias) cells where the data has a ``bias`` column."""
+    train_counts = model.class_counts or manifest.class_counts("train")
+    return split_metrics(split, counts.confusion, counts.cells, train_counts)
+
+
+def evaluate(model: Model, manifest: Manifest, split: str, batch_size: int = 512, ray: bool | None = None
+             ) -> dict[str, float]:
+    """`count` then `metrics_of`."""
+    return metrics_of(model, manifest, split, count(model, manifest, split, batch_size, ray))
+
+
+def class_table(model: Model, manifest: Manifest, split: str, counts: Counts) -> dict[str, np.ndarray]:
+    """The per-class table of a scored split: class, name, training count, and the split's support, correct,
+    predicted and accuracy, [K] each (the columns a training run's per-class tables have)."""
+    k = len(model.classes)
+    train_counts = model.class_counts or manifest.class_counts("train")
+    return {"class": np.arange(k, dtype=np.int64), "name": np.asarray(model.classes, dtype=object),
+            "train_count": np.asarray(train_counts, dtype=np.int64), **class_columns({split: counts.confusion})}
 
 
 def predict(model: Model, manifest: Manifest, split: str, out: Path, batch_size: int = 512,
-            ray: bool | None = None) -> int:
+            ray: bool | None = None, top: int | None = None) -> int:
     """Per-sample ``index``, ``label``, ``pred`` and ``probs`` [K] of the split, written to ``out`` (Parquet; in
-    place only once complete). -> rows written."""
+    place only once complete). With ``top``, the ``top`` most probable classes and their probabilities
+    (``top_classes``, ``top_probs`` [top], most probable first) instead of all K: at iNaturalist's K = 8,142 the
+    full ``probs`` column is 32 KB a row. -> rows written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -253,10 +288,18 @@ def predict(model: Model, manifest: Manifest, split: str, out: Path, batch_size:
     try:
         for rows in scored(model, manifest, split, batch_size, ray):
             probs = np.asarray(rows["probs"], dtype=np.float32).reshape(-1, k)
-            table = pa.table({"index": pa.array(np.asarray(rows["index"]), pa.int64()),
-                              "label": pa.array(np.asarray(rows["label"]), pa.int64()),
-                              "pred": pa.array(probs.argmax(1), pa.int64()),
-                              "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), k)})
+            cols = {"index": pa.array(np.asarray(rows["index"]), pa.int64()),
+                    "label": pa.array(np.asarray(rows["label"]), pa.int64()),
+                    "pred": pa.array(probs.argmax(1), pa.int64())}
+            if top is None:
+                cols["probs"] = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), k)
+            else:
+                best = torch.from_numpy(probs).topk(min(top, k), dim=1)  # values, indices: [n, top] each
+                cols["top_classes"] = pa.FixedSizeListArray.from_arrays(
+                    pa.array(best.indices.reshape(-1).numpy(), pa.int64()), best.indices.shape[1])
+                cols["top_probs"] = pa.FixedSizeListArray.from_arrays(pa.array(best.values.reshape(-1).numpy()),
+                                                                      best.values.shape[1])
+            table = pa.table(cols)
             writer = writer or pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)
             n += len(probs)
@@ -270,8 +313,14 @@ def predict(model: Model, manifest: Manifest, split: str, out: Path, batch_size:
     return n
 
 
-def table_rows(metrics: dict[str, float], split: str, classes: list[str]) -> list[tuple[str, str]]:
-    """The metrics as (name, value %) rows for the terminal: summary first, then the classes by name."""
+WORST_SHOWN = 10  # classes listed on the terminal when there are more than CLASS_METRICS_MAX
+
+
+def table_rows(metrics: dict[str, float], split: str, classes: list[str], confusion: Confusion | None = None
+               ) -> list[tuple[str, str]]:
+    """The metrics as (name, value %) rows for the terminal: summary first, then the classes by name (up to
+    CLASS_METRICS_MAX classes), or else the WORST_SHOWN worst classes of the split with their support (the whole
+    table is a file: `class_table`)."""
     from rwray.metrics import SUMMARY_KEYS, WORST_CLASS
 
     rows: list[tuple[str, str]] = []
@@ -279,9 +328,16 @@ def table_rows(metrics: dict[str, float], split: str, classes: list[str]) -> lis
         v = metrics.get(f"{split}/{key}")
         if v is not None and not np.isnan(v):
             rows.append((key, f"{100 * v:.2f}"))
-    for c, name in enumerate(classes):
-        v = metrics.get(f"{split}/class_acc/{c}")
-        if v is not None:
-            rows.append((f"class {c} ({name})", f"{100 * v:.2f}"))
+    if len(classes) <= CLASS_METRICS_MAX or confusion is None:
+        for c, name in enumerate(classes):
+            v = metrics.get(f"{split}/class_acc/{c}")
+            if v is not None:
+                rows.append((f"class {c} ({name})", f"{100 * v:.2f}"))
+        return rows
+    acc = per_class_accuracy(confusion).tolist()
+    support = confusion.per_class()[1].tolist()
+    present = [c for c in range(len(classes)) if support[c] > 0]
+    worst = sorted(present, key=lambda c: (acc[c], -support[c], c))[:WORST_SHOWN]
+    rows.append((f"{len(present)} of {len(classes)} classes in the split; the worst {len(worst)}:", ""))
+    rows += [(f"class {c} ({classes[c]}), {support[c]} images", f"{100 * acc[c]:.2f}") for c in worst]
     return rows
-

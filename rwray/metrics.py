@@ -1,9 +1,10 @@
 """Exact evaluation metrics from count tensors, and the names they are logged under.
 
-Workers all-reduce integer counts and every number is computed from the global ones, so metrics are exact for any
+Workers merge integer counts and every number is computed from the global ones, so metrics are exact for any
 number of workers (never an average of per-worker accuracies). Two kinds of counts:
 
-- a confusion matrix [K, K] (`confusion_matrix`): top-1, balanced and many/medium/few-shot accuracy;
+- (true, predicted) pair counts, sparse (`Confusion`): top-1, balanced, many/medium/few-shot accuracy, macro F1 and
+  the worst class, from per-class vectors, so nothing grows as K² (iNaturalist has K = 8,142);
 - (correct, total) per (class, bias attribute) cell [2, K, K_bias] (`bias_cell_counts`): how a classifier does on
   bias-aligned vs bias-conflicting samples. "Aligned" means bias == label: the bias attribute's values are indexed
   like the classes (Biased MNIST: colour c is class c's colour). For other datasets only the per-cell and cell-mean
@@ -18,8 +19,10 @@ A leaf: imports nothing from rwray.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 # ------------------------------------------------------------------------------------------------------ metric keys
@@ -66,42 +69,129 @@ def best_key(metric: str) -> str:
     return f"best/{metric}"
 
 
-# ------------------------------------------------------------------------------------------------ confusion matrix
+# ------------------------------------------------------------------------------------------------ confusion counts
 
 # Shot groups of the long-tail literature, by number of training samples of the class.
 MANY, FEW = 100, 20  # many: > 100, medium: 20..100, few: < 20
+SHOT_GROUPS = ("many", "medium", "few")
+# Up to this many classes a split's per-class accuracy is also logged as one metric per class and epoch
+# (``test/class_acc/9``: CIFAR-100 and smaller, what small runs always showed); above it the per-class numbers go to
+# one table per evaluation instead (`class_columns`): ImageNet-LT's 2 x 1,000 metrics an epoch, iNaturalist's 16,284,
+# would be millions of rows in the tracking store over a run.
+CLASS_METRICS_MAX = 100
 
 
-def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """[B], [B] -> [K, K] int64 counts, rows = true class, columns = predicted class."""
-    flat = targets.long() * num_classes + preds.long()
-    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+@dataclass(frozen=True)
+class Confusion:
+    """A split's (true class, predicted class) counts, kept sparse: only the pairs that occur.
+
+    Memory is O(min(N, K²)) for N samples, where a dense [K, K] int64 matrix is K² (530 MB at iNaturalist's
+    K = 8,142), and merging workers' counts moves their distinct pairs, not K². Every metric below needs only the
+    per-class vectors (`per_class`); the pairs themselves serve the confusion artifacts.
+    """
+
+    num_classes: int
+    pairs: torch.Tensor  # [M] int64 flat ids true * K + predicted, unique and ascending
+    counts: torch.Tensor  # [M] int64 samples of each pair, > 0
+
+    @classmethod
+    def of(cls, preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> "Confusion":
+        """[B] predicted, [B] true class -> their counts."""
+        ids = targets.long() * num_classes + preds.long()  # [B]
+        return cls.from_ids(ids, torch.ones_like(ids), num_classes)
+
+    @classmethod
+    def from_ids(cls, ids: torch.Tensor, counts: torch.Tensor, num_classes: int) -> "Confusion":
+        """Flat ids [M'] with counts [M'] (repeats allowed: they add up) -> a Confusion."""
+        uniq, inverse = torch.unique(ids.long(), return_inverse=True)  # [M] sorted, [M']
+        summed = torch.zeros(uniq.numel(), dtype=torch.int64, device=ids.device).index_add_(0, inverse, counts.long())
+        return cls(num_classes, uniq, summed)
+
+    @classmethod
+    def from_dense(cls, cm: torch.Tensor) -> "Confusion":
+        """A dense [K, K] matrix (rows true, columns predicted) -> the same counts, sparse."""
+        flat = cm.reshape(-1).long()
+        ids = flat.nonzero().squeeze(1)
+        return cls(cm.shape[0], ids, flat[ids])
+
+    @classmethod
+    def empty(cls, num_classes: int, device: torch.device | str = "cpu") -> "Confusion":
+        none = torch.zeros(0, dtype=torch.int64, device=device)
+        return cls(num_classes, none, none)
+
+    def __add__(self, other: "Confusion") -> "Confusion":
+        if other.num_classes != self.num_classes:
+            raise ValueError(f"cannot add counts over {self.num_classes} and {other.num_classes} classes")
+        return Confusion.from_ids(torch.cat([self.pairs, other.pairs]), torch.cat([self.counts, other.counts]),
+                                  self.num_classes)
+
+    @property
+    def true(self) -> torch.Tensor:
+        return self.pairs // self.num_classes  # [M]
+
+    @property
+    def pred(self) -> torch.Tensor:
+        return self.pairs % self.num_classes  # [M]
+
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def per_class(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(correct, support, predicted), [K] int64 each: samples of the class predicted right, samples of the
+        class, and samples predicted as the class."""
+        k, true, pred = self.num_classes, self.true, self.pred
+        zeros = torch.zeros(k, dtype=torch.int64, device=self.counts.device)
+        right = true == pred
+        return (zeros.index_add(0, true[right], self.counts[right]), zeros.index_add(0, true, self.counts),
+                zeros.index_add(0, pred, self.counts))
+
+    def dense(self) -> torch.Tensor:
+        """[K, K] int64, rows true, columns predicted: for small K only (K² memory)."""
+        k = self.num_classes
+        out = torch.zeros(k * k, dtype=torch.int64, device=self.counts.device)
+        out[self.pairs] = self.counts
+        return out.reshape(k, k)
+
+    def cpu(self) -> "Confusion":
+        return Confusion(self.num_classes, self.pairs.cpu(), self.counts.cpu())
+
+    def state_dict(self) -> dict:
+        """Tensors and ints only: a checkpoint loads it with torch.load(weights_only=True)."""
+        return {"num_classes": self.num_classes, "pairs": self.pairs.cpu(), "counts": self.counts.cpu()}
+
+    @classmethod
+    def from_state(cls, state: dict | torch.Tensor) -> "Confusion":
+        """`state_dict`'s output, or a dense [K, K] matrix (what checkpoints written before held)."""
+        if isinstance(state, torch.Tensor):
+            return cls.from_dense(state)
+        return cls(int(state["num_classes"]), state["pairs"].long(), state["counts"].long())
 
 
-def per_class_accuracy(cm: torch.Tensor) -> torch.Tensor:
-    """[K, K] -> [K] recall per class; NaN for a class with no samples in this split."""
-    support = cm.sum(dim=1).double()
-    return torch.where(support > 0, cm.diag().double() / support.clamp(min=1), torch.full_like(support, float("nan")))
+def per_class_accuracy(conf: Confusion) -> torch.Tensor:
+    """[K] float64 recall per class; NaN for a class with no samples in this split."""
+    correct, support, _ = conf.per_class()
+    support = support.double()
+    return torch.where(support > 0, correct.double() / support.clamp(min=1), torch.full_like(support, float("nan")))
 
 
 def shot_groups(train_counts: Sequence[int]) -> dict[str, list[int]]:
-    groups: dict[str, list[int]] = {"many": [], "medium": [], "few": []}
+    groups: dict[str, list[int]] = {g: [] for g in SHOT_GROUPS}
     for c, n in enumerate(train_counts):
         groups["many" if n > MANY else "few" if n < FEW else "medium"].append(c)
     return groups
 
 
-def summarize(cm: torch.Tensor, train_counts: Sequence[int]) -> dict[str, float]:
+def summarize(conf: Confusion, train_counts: Sequence[int]) -> dict[str, float]:
     """top1, balanced accuracy (mean per-class recall over classes present) and many/medium/few-shot accuracy.
 
     Shot-group accuracy is the mean recall of the group's classes (the convention of the long-tail papers); a group
     with no classes is omitted rather than reported as 0.
     """
-    cm = cm.double()
-    acc = per_class_accuracy(cm)
+    correct, support, _ = conf.per_class()
+    acc = per_class_accuracy(conf)
     present = ~torch.isnan(acc)
     out = {
-        "top1": float(cm.diag().sum() / cm.sum().clamp(min=1)),
+        "top1": float(correct.sum().double() / support.sum().clamp(min=1)),
         "balanced_acc": float(acc[present].mean()) if present.any() else float("nan"),
     }
     for group, classes in shot_groups(train_counts).items():
@@ -177,12 +267,10 @@ def cluster_unbiased_acc(counts: torch.Tensor, min_count: int = 10) -> float:
     return sum(scores) / len(scores) if scores else float("nan")
 
 
-def macro_f1(cm: torch.Tensor) -> float:
-    """Mean F1 over the classes present in the split ([K, K] confusion matrix, rows true, columns predicted), as
-    WILDS scores iWildCam (sklearn's f1_score, average="macro", labels = the true labels present). A class never
-    predicted has precision 0 (and so F1 0)."""
-    cm = cm.double()
-    tp, true, pred = cm.diag(), cm.sum(1), cm.sum(0)  # [K] each
+def macro_f1(conf: Confusion) -> float:
+    """Mean F1 over the classes present in the split, as WILDS scores iWildCam (sklearn's f1_score,
+    average="macro", labels = the true labels present). A class never predicted has precision 0 (and so F1 0)."""
+    tp, true, pred = (v.double() for v in conf.per_class())  # [K] each
     present = true > 0
     if not present.any():
         return float("nan")
@@ -190,14 +278,16 @@ def macro_f1(cm: torch.Tensor) -> float:
     return float(f1[present].mean())
 
 
-def split_metrics(split: str, cm: torch.Tensor, cells: torch.Tensor | None,
+def split_metrics(split: str, conf: Confusion, cells: torch.Tensor | None,
                   train_counts: Sequence[int], clusters: torch.Tensor | None = None) -> dict[str, float]:
-    """Everything logged for one evaluated split: the [K, K] matrix's summary, each present class's accuracy and,
-    when the data has a bias attribute, the [2, K, K_bias] cells' summary."""
-    out = {split_key(split, k): v for k, v in summarize(cm, train_counts).items()}
-    out[split_key(split, "macro_f1")] = macro_f1(cm)
-    acc = per_class_accuracy(cm)  # [K]; NaN where the split has no sample of the class
-    out.update({class_acc_key(split, c): float(a) for c, a in enumerate(acc) if not torch.isnan(a)})
+    """Everything logged for one evaluated split: the summary of its counts, the worst class, each present class's
+    accuracy when there are at most CLASS_METRICS_MAX classes (else they go to the per-class table,
+    `class_columns`) and, when the data has a bias attribute, the [2, K, K_bias] cells' summary."""
+    out = {split_key(split, k): v for k, v in summarize(conf, train_counts).items()}
+    out[split_key(split, "macro_f1")] = macro_f1(conf)
+    acc = per_class_accuracy(conf)  # [K]; NaN where the split has no sample of the class
+    if conf.num_classes <= CLASS_METRICS_MAX:
+        out.update({class_acc_key(split, c): float(a) for c, a in enumerate(acc.tolist()) if not math.isnan(a)})
     if not torch.isnan(acc).all():
         out[split_key(split, WORST_CLASS)] = float(acc[~torch.isnan(acc)].min())  # the worst group, groups = classes
     if cells is not None:
@@ -205,3 +295,52 @@ def split_metrics(split: str, cm: torch.Tensor, cells: torch.Tensor | None,
     if clusters is not None and not math.isnan(score := cluster_unbiased_acc(clusters.cpu())):
         out[split_key(split, "cluster_unbiased_acc")] = score
     return out
+
+
+# ------------------------------------------------------------------------------------------ per-class tables, K large
+
+
+def class_columns(confusions: Mapping[str, Confusion]) -> dict[str, np.ndarray]:
+    """Per-class numbers of each split as table columns, [K] each: ``<split>_support``, ``<split>_correct``,
+    ``<split>_predicted`` (int64) and ``<split>_acc`` (float64, NaN where the split has no sample of the class)."""
+    out: dict[str, np.ndarray] = {}
+    for split, conf in confusions.items():
+        correct, support, predicted = (v.cpu().numpy() for v in conf.per_class())
+        out.update({f"{split}_support": support, f"{split}_correct": correct, f"{split}_predicted": predicted,
+                    f"{split}_acc": per_class_accuracy(conf).cpu().numpy()})
+    return out
+
+
+def group_confusion(conf: Confusion, train_counts: Sequence[int]) -> tuple[list[str], np.ndarray]:
+    """The counts aggregated over shot groups: (the groups that have classes, [G, G] int64 rows true group, columns
+    predicted group). What a K x K matrix says at a glance, at any K: how often the tail is taken for the head."""
+    groups = [(g, c) for g, c in shot_groups(train_counts).items() if c]
+    group_of = torch.zeros(conf.num_classes, dtype=torch.int64)
+    for i, (_, classes) in enumerate(groups):
+        group_of[classes] = i
+    conf = conf.cpu()
+    g = len(groups)
+    flat = group_of[conf.true] * g + group_of[conf.pred]  # [M]
+    out = torch.zeros(g * g, dtype=torch.int64).index_add_(0, flat, conf.counts).reshape(g, g)
+    return [name for name, _ in groups], out.numpy()
+
+
+def most_confused_classes(conf: Confusion, n: int) -> list[int]:
+    """The ``n`` classes involved in the most errors (samples of the class predicted as another, plus samples of
+    other classes predicted as it), most first; ties by class id. Classes with no error are left out."""
+    correct, support, predicted = conf.cpu().per_class()
+    errors = (support - correct) + (predicted - correct)  # [K]
+    order = sorted((c for c in range(conf.num_classes) if errors[c] > 0), key=lambda c: (-int(errors[c]), c))
+    return order[:n]
+
+
+def sub_confusion(conf: Confusion, classes: Sequence[int]) -> np.ndarray:
+    """[n, n] int64 counts among ``classes`` (rows true, columns predicted, in the given order)."""
+    conf = conf.cpu()
+    pos = torch.full((conf.num_classes,), -1, dtype=torch.int64)
+    pos[list(classes)] = torch.arange(len(classes))
+    i, j = pos[conf.true], pos[conf.pred]
+    keep = (i >= 0) & (j >= 0)
+    n = len(classes)
+    return torch.zeros(n * n, dtype=torch.int64).index_add_(0, i[keep] * n + j[keep], conf.counts[keep]).reshape(
+        n, n).numpy()

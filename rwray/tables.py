@@ -23,6 +23,18 @@ def write_columns(path: str | Path, columns: Mapping[str, np.ndarray]) -> Path:
     return path
 
 
+def write_table(path: str | Path, columns: Mapping[str, np.ndarray]) -> Path:
+    """`write_columns` as Parquet, or as CSV when ``path`` ends in .csv (a header row, then one row per entry)."""
+    path = Path(path)
+    if path.suffix.lower() != ".csv":
+        return write_columns(path, columns)
+    import pyarrow.csv as pacsv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pacsv.write_csv(pa.table({name: pa.array(values) for name, values in columns.items()}), path)
+    return path
+
+
 def write_array(path: str | Path, array: np.ndarray) -> Path:
     """One array as .npy (np.save: dtype and shape kept)."""
     path = Path(path)

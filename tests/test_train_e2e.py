@@ -145,7 +145,7 @@ def test_with_a_weight_ema_the_run_is_scored_on_the_ema(tmp_path, digits_dir, ra
     def test_top1(weights: dict) -> float:
         model = MODELS.build(cfg.model, info)
         model.load_state_dict(weights)
-        cm = evaluate(model, [batch], info.num_classes).cm
+        cm = evaluate(model, [batch], info.num_classes).confusion
         return summarize(cm, info.class_counts)["top1"]
 
     averaged = weight_ema(MODELS.build(cfg.model, info), 0.9)

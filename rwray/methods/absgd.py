@@ -41,6 +41,7 @@ from rwray import dist
 from rwray.datainfo import DataInfo
 from rwray.losses import LOSSES, LossConfig
 from rwray.losses.ce import CEParams
+from rwray.metrics import CLASS_METRICS_MAX
 from rwray.methods.base import Method, StepInputs, StepOutput, sample_losses
 from rwray.registry import Params
 
@@ -178,6 +179,9 @@ class ABSGD(Method):
         self.history.append((epoch, means))
         self._class_sum.zero_()
         self._class_count.zero_()
+        seen = [m for m in means if not math.isnan(m)]
+        if len(means) > CLASS_METRICS_MAX:  # K metrics an epoch would flood the store: the range, and the plot
+            return {"weight/class_min": min(seen), "weight/class_max": max(seen)} if seen else {}
         return {f"weight/class_{c}": m for c, m in enumerate(means) if not math.isnan(m)}
 
     def artifacts(self, out_dir: str) -> list[str]:

@@ -3,15 +3,21 @@ data it scored, linked to the training run where the source names one (a child r
 
 from __future__ import annotations
 
-from typing import Any
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
 
 from rwray.errors import TrackingError
 from rwray.tracking.store import RunLogger
 from rwray.tracking.transport import client, quick_http
 
 
-def log_evaluation(uri: str, model: Any, manifest: Any, split: str, metrics: dict[str, float]) -> str:
-    """One finished run holding ``metrics`` and what produced them. -> its id. ``model``: an
+def log_evaluation(uri: str, model: Any, manifest: Any, split: str, metrics: dict[str, float],
+                   classes: Mapping[str, np.ndarray] | None = None) -> tuple[str, str | None]:
+    """One finished run holding ``metrics``, the per-class table ``classes`` (columns [K] each) as the artifact
+    ``per_class.parquet``, and what produced them. -> (its id, the table's artifact URI or None). ``model``: an
     `rwray.inference.Model`; ``manifest``: the scored data's `rwray.data.Manifest`."""
     from mlflow.entities import Param, RunTag
     from mlflow.exceptions import MlflowException
@@ -31,14 +37,22 @@ def log_evaluation(uri: str, model: Any, manifest: Any, split: str, metrics: dic
                 tags.update({"mlflow.parentRunId": model.run_id, "rwray.source_run": model.run_id})
             run = c.create_run(experiment, run_name=f"evaluate {manifest.dir.name}/{split}", tags=tags)
             # in batches of MLflow's 1,000 (per-class metrics of a 1,000-class split alone exceed one)
-            RunLogger(uri, run.info.run_id).metrics(dict(sorted(metrics.items())), step=0)
+            logger = RunLogger(uri, run.info.run_id)
+            logger.metrics(dict(sorted(metrics.items())), step=0)
+            where = None
+            if classes is not None:
+                from rwray import tables
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    logger.artifact(tables.write_columns(Path(tmp) / "per_class.parquet", classes))
+                where = f"{run.info.artifact_uri}/per_class.parquet"
             c.log_batch(run.info.run_id,
                         params=[Param("source", model.source[:500]), Param("data", str(manifest.dir)[:500]),
                                 Param("split", split)],
                         tags=[RunTag("mlflow.note.content", f"rwray evaluate {model.source} --data {manifest.dir} "
                                                             f"--split {split}")])
             c.set_terminated(run.info.run_id, "FINISHED")
-            return run.info.run_id
+            return run.info.run_id, where
     except MlflowException as e:
         raise TrackingError(f"could not log the evaluation to {uri}: {str(e).splitlines()[0][:300]} (the metrics "
                             f"above are complete; rerun with --no-log to skip MLflow)") from None

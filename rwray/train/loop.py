@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from rwray import dist
@@ -28,10 +29,13 @@ from rwray.metrics import (
     BEST_EPOCH,
     EPOCH_S,
     SAMPLES_PER_S,
+    CLASS_METRICS_MAX,
     TRAIN_CLASS_SAMPLES,
     TRAIN_LR,
     TRAIN_SAMPLES,
+    Confusion,
     best_key,
+    class_columns,
     split_key,
     split_metrics,
     summarize,
@@ -42,7 +46,8 @@ from rwray.train.batches import epoch_seed
 from rwray.train.epoch import EpochTotals, evaluate, train_epoch
 from rwray.train.inputs import Data
 from rwray.train.progress import EpochTicker, sample_trace, status_writer
-from rwray.train.reporting import log_final_artifacts, open_log, report_epoch, report_position, restore, say
+from rwray.train.reporting import (best_confusions, log_final_artifacts, open_log, report_epoch, report_position,
+                                   restore, say)
 from rwray.train.worker import Worker, build
 
 
@@ -60,9 +65,9 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     interval = w.cfg.tracking.system_metrics_s if ctx.get_local_rank() == 0 else 0  # one monitor a node
     with node_metrics(job["tracking_uri"], job["run_id"], ctx.get_node_rank(), interval):
         for epoch in range(w.start_epoch, w.cfg.train.epochs):
-            metrics, improved = (evaluate_only(w, data, epoch) if w.cfg.train.trainable == "none"
-                                 else run_epoch(w, data, epoch, status, trace))
-            report_epoch(w, epoch, metrics, improved, log)
+            metrics, improved, classes = (evaluate_only(w, data, epoch) if w.cfg.train.trainable == "none"
+                                          else run_epoch(w, data, epoch, status, trace))
+            report_epoch(w, epoch, metrics, improved, log, classes)
     if log is not None:
         log_final_artifacts(log, w)
         log.close(w.cfg.tracking.flush_timeout_s)
@@ -72,8 +77,10 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
 
 
 def run_epoch(w: Worker, data: Data, epoch: int, status: Callable[[int, int], None],
-              trace: Callable[[int, int, list[int]], None] | None = None) -> tuple[dict[str, float], bool]:
-    """Train one epoch, evaluate every eval split, update the best epoch. -> (metrics, whether it improved)."""
+              trace: Callable[[int, int, list[int]], None] | None = None
+              ) -> tuple[dict[str, float], bool, dict[str, np.ndarray]]:
+    """Train one epoch, evaluate every eval split, update the best epoch. -> (metrics, whether it improved, the
+    epoch's per-class columns, [K] each)."""
     cfg = w.cfg
     t0 = time.perf_counter()
     at = w.position if w.position is not None and w.position["epoch"] == epoch else None  # resuming mid-epoch
@@ -113,53 +120,57 @@ def run_epoch(w: Worker, data: Data, epoch: int, status: Callable[[int, int], No
     metrics[TRAIN_LR] = w.opt.param_groups[0]["lr"]
     if len(w.opt.param_groups) > 1:  # optim.classifier_lr: the head's own
         metrics[TRAIN_LR + "_classifier"] = w.opt.param_groups[-1]["lr"]
+    classes: dict[str, np.ndarray] = {}
     if cfg.data.sampler != "uniform":  # the class mix the sampler realised, over all workers
-        counts = dist.all_reduce_sum(data.class_samples.to(w.device)).tolist()
-        metrics.update({f"{TRAIN_CLASS_SAMPLES}{c}": float(n) for c, n in enumerate(counts)})
+        counts = dist.all_reduce_sum(data.class_samples.to(w.device)).cpu().numpy()  # [K]
+        classes["train_samples"] = counts
+        if len(counts) <= CLASS_METRICS_MAX:
+            metrics.update({f"{TRAIN_CLASS_SAMPLES}{c}": float(n) for c, n in enumerate(counts)})
     w.sched.step()
     metrics.update(w.method.end_epoch(epoch))
-    cms = evaluate_splits(w, data, metrics)
+    confusions = evaluate_splits(w, data, metrics)
     metrics[EPOCH_S] = time.perf_counter() - t0
     metrics[SAMPLES_PER_S] = metrics[TRAIN_SAMPLES] / metrics[EPOCH_S]
-    return metrics, select_best(w, epoch, metrics, cms)
+    return metrics, select_best(w, epoch, metrics, confusions), {**classes, **class_columns(confusions)}
 
 
-def evaluate_only(w: Worker, data: Data, epoch: int) -> tuple[dict[str, float], bool]:
+def evaluate_only(w: Worker, data: Data, epoch: int) -> tuple[dict[str, float], bool, dict[str, np.ndarray]]:
     """An evaluation-only run's one epoch (train.trainable=none: τ-norm): the prepared model scored on every eval
     split as it is — no optimizer step, no batch of the train split, so no train/* metrics. It is reported,
     checkpointed and selected like a trained epoch (epoch 0 of train.epochs=1), which is what sweeps and tables
     read."""
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
-    cms = evaluate_splits(w, data, metrics)
+    confusions = evaluate_splits(w, data, metrics)
     metrics[EPOCH_S] = time.perf_counter() - t0
-    return metrics, select_best(w, epoch, metrics, cms)
+    return metrics, select_best(w, epoch, metrics, confusions), class_columns(confusions)
 
 
-def evaluate_splits(w: Worker, data: Data, metrics: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Score every eval split, adding its metrics to ``metrics``. -> the confusion matrices [K, K] by split."""
-    cms = {}
+def evaluate_splits(w: Worker, data: Data, metrics: dict[str, float]) -> dict[str, Confusion]:
+    """Score every eval split, adding its metrics to ``metrics``. -> each split's (true, predicted) counts."""
+    confusions = {}
     if w.ema is not None:  # its BatchNorm statistics averaged each worker's own: score rank 0's (the checkpoint's)
         dist.broadcast_module_(w.ema)
     scored = w.ema if w.ema is not None else w.model  # what is evaluated, and so selected
     for split in w.manifest.eval_splits:
         counts = evaluate(scored, data.eval(split), w.info.num_classes, w.cfg.train.amp, data.num_bias,
                           data.cluster_columns, data.num_clusters)
-        cms[split] = cm = counts.cm.cpu()
-        metrics.update(split_metrics(split, cm, counts.cells, w.info.class_counts, counts.clusters))
-    return cms
+        confusions[split] = conf = counts.confusion.cpu()
+        metrics.update(split_metrics(split, conf, counts.cells, w.info.class_counts, counts.clusters))
+    return confusions
 
 
-def select_best(w: Worker, epoch: int, metrics: dict[str, float], cms: dict[str, torch.Tensor]) -> bool:
+def select_best(w: Worker, epoch: int, metrics: dict[str, float], confusions: dict[str, Confusion]) -> bool:
     """Chosen on validation only (train.select_metric); every other split's numbers of that epoch are reported
     alongside, as best/<split>/<metric>. Adds the best/ keys to ``metrics``; -> whether this epoch is the best."""
     select = w.cfg.train.select_metric
     score = metrics.get(select, float("-inf"))
     improved = score > w.best["score"]
-    if improved:
-        w.best = {"score": score, "epoch": epoch, "cms": cms}
+    if improved:  # the counts as tensors (checkpoints hold tensors and plain containers only)
+        w.best = {"score": score, "epoch": epoch, "confusions": {s: c.state_dict() for s, c in confusions.items()}}
     metrics.update({BEST_EPOCH: w.best["epoch"], best_key(select): w.best["score"]})
-    for split, cm in w.best["cms"].items():
+    for split, conf in best_confusions(w.best).items():
         if split != "val":
-            metrics.update({best_key(split_key(split, k)): v for k, v in summarize(cm, w.info.class_counts).items()})
+            metrics.update({best_key(split_key(split, k)): v for k, v in summarize(conf, w.info.class_counts).items()})
     return improved
+

@@ -1,6 +1,7 @@
 """What a worker hands on: checkpoints to Ray Train (every train.checkpoint_every epochs, after the best and the last
 epoch, and mid-epoch positions), their restore, the epoch's metrics to MLflow through rank 0's spool once a
-checkpoint covers them, and the run's final artifacts (last weights, test confusion matrix and per-class plot)."""
+checkpoint covers them (with more than CLASS_METRICS_MAX classes, the epoch's per-class numbers as one table), and
+the run's final artifacts (last weights, per-class table, test confusion counts and their plots)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from rwray import dist, output
-from rwray.metrics import per_class_accuracy
+from rwray import dist, output, tables
+from rwray.metrics import (CLASS_METRICS_MAX, Confusion, class_columns, group_confusion, most_confused_classes,
+                           per_class_accuracy, sub_confusion)
 from rwray.tracking import BufferedRunLogger
 from rwray.train import checkpoint, plan
 from rwray.train.epoch import EpochTotals
@@ -95,9 +98,11 @@ def report_position(w: Worker, epoch: int, stages: plan.Stages, totals: EpochTot
 
 
 def report_epoch(w: Worker, epoch: int, metrics: dict[str, float], improved: bool,
-                 log: BufferedRunLogger | None) -> None:
+                 log: BufferedRunLogger | None, classes: dict[str, np.ndarray] | None = None) -> None:
     """Report the epoch to Ray Train, with a checkpoint (rank 0 writes it) every train.checkpoint_every epochs and
-    after the last; then log the metrics the checkpoint covers."""
+    after the last; then log the metrics the checkpoint covers. With more than CLASS_METRICS_MAX classes the
+    epoch's per-class ``classes`` columns ([K] each) go to MLflow as one table, ``per_class/epoch_<e>.parquet``
+    (a replayed epoch writes the same file again)."""
     import ray.train
 
     cfg = w.cfg.train
@@ -114,6 +119,10 @@ def report_epoch(w: Worker, epoch: int, metrics: dict[str, float], improved: boo
                 log_epochs(w, log)
             if improved:
                 log.artifact(Path(tmp) / checkpoint.STATE, "checkpoints/best")
+            if classes and w.info.num_classes > CLASS_METRICS_MAX:
+                path = Path(tmp) / f"epoch_{epoch:03d}.parquet"
+                tables.write_columns(path, {**class_index(w), **classes})
+                log.artifact(path, "per_class")
             say(w, progress_line(epoch, cfg.epochs, metrics, cfg.select_metric))
 
 
@@ -121,11 +130,29 @@ def say(w: Worker, line: str) -> None:
     output.worker_line(f"{w.label}  {line}" if w.label else line)
 
 
+def class_index(w: Worker) -> dict[str, np.ndarray]:
+    """The leading columns of every per-class table: class id, name and training count, [K] each."""
+    k = w.info.num_classes
+    return {"class": np.arange(k, dtype=np.int64), "name": np.asarray(w.manifest.classes[:k], dtype=object),
+            "train_count": np.asarray(w.info.class_counts, dtype=np.int64)}
+
+
+def best_confusions(best: dict[str, Any]) -> dict[str, Confusion]:
+    """The best epoch's counts by split (a checkpoint written before sparse counts holds dense [K, K] "cms")."""
+    return {s: Confusion.from_state(c) for s, c in (best.get("confusions") or best.get("cms") or {}).items()}
+
+
+MOST_CONFUSED = 30  # classes drawn in the confusion overview of a split with more than plots.CONFUSION_DRAWN classes
+
+
 def log_final_artifacts(log: BufferedRunLogger, w: Worker) -> None:
-    """The last weights, and the test split's confusion matrix and per-class accuracy at the best epoch."""
+    """The last weights; at the best epoch, every eval split's per-class table and the test split's confusion
+    counts (a dense JSON matrix for few classes, the (true, predicted, count) pairs otherwise) with their plots,
+    each bounded in size at any number of classes."""
     from rwray import plots  # matplotlib: imported by the worker that draws, not by every driver
 
     best, classes, info = w.best, w.manifest.classes, w.info
+    confusions = best_confusions(best)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         torch.save(dist.unwrap(w.model).state_dict(), tmp / "model.pt")
@@ -133,15 +160,31 @@ def log_final_artifacts(log: BufferedRunLogger, w: Worker) -> None:
         if w.ema is not None:  # the weights the metrics were measured on
             torch.save(w.ema.module.state_dict(), tmp / "model_ema.pt")
             log.artifact(tmp / "model_ema.pt", "checkpoints/last")
-        cm = best["cms"]["test"]
-        acc = per_class_accuracy(cm).nan_to_num(0).tolist()
-        (tmp / "confusion_matrix.json").write_text(json.dumps({"classes": classes, "rows_true_cols_pred": cm.tolist(),
-                                                                 "epoch": best["epoch"], "split": "test"}))
-        plots.per_class_accuracy(acc, info.class_counts, classes,
+        conf = confusions["test"]
+        names = ["per_class.parquet", "per_class_accuracy.png", "confusion_matrix.png"]
+        tables.write_columns(tmp / "per_class.parquet", {**class_index(w), **class_columns(confusions)})
+        plots.per_class_accuracy(per_class_accuracy(conf).tolist(), info.class_counts, classes,
                                  f"test accuracy per class (epoch {best['epoch'] + 1}, chosen on val)",
                                  tmp / "per_class_accuracy.png")
-        plots.confusion_matrix(cm.numpy(), classes, "test confusion matrix (row-normalised)", tmp / "confusion_matrix.png")
-        for name in ("confusion_matrix.json", "per_class_accuracy.png", "confusion_matrix.png"):
+        if conf.num_classes <= plots.CONFUSION_DRAWN:
+            cm = conf.dense()
+            (tmp / "confusion_matrix.json").write_text(json.dumps({
+                "classes": classes, "rows_true_cols_pred": cm.tolist(), "epoch": best["epoch"], "split": "test"}))
+            plots.confusion_matrix(cm.numpy(), classes, "test confusion matrix (row-normalised)",
+                                   tmp / "confusion_matrix.png")
+            names.append("confusion_matrix.json")
+        else:  # every pair that occurs (at most the split's size), and a bounded picture of them
+            tables.write_columns(tmp / "confusion_pairs.parquet", {"true": conf.true.numpy(),
+                                                                   "pred": conf.pred.numpy(),
+                                                                   "count": conf.counts.numpy()})
+            groups, group_cm = group_confusion(conf, info.class_counts)
+            worst = most_confused_classes(conf, MOST_CONFUSED)
+            plots.confusion_overview(groups, group_cm, [classes[c] for c in worst], sub_confusion(conf, worst),
+                                     conf.per_class()[1][worst].tolist(),
+                                     f"test confusion, {conf.num_classes} classes (epoch {best['epoch'] + 1})",
+                                     tmp / "confusion_matrix.png")
+            names.append("confusion_pairs.parquet")
+        for name in names:
             log.artifact(tmp / name, "evaluation")
         for path in w.method.artifacts(str(tmp)):
             log.artifact(path, "method")

@@ -38,7 +38,7 @@ class Worker:
     ema: nn.Module | None = None  # train.ema_decay: the weights' moving average, evaluated and selected on
     scaler: torch.amp.GradScaler | None = None  # train.amp=fp16: the loss scale, carried from epoch to epoch
     start_epoch: int = 0
-    best: dict[str, Any] = field(default_factory=lambda: {"score": float("-inf"), "epoch": -1, "cms": {}})
+    best: dict[str, Any] = field(default_factory=lambda: {"score": float("-inf"), "epoch": -1, "confusions": {}})
     history: dict[int, dict[str, Any]] = field(default_factory=dict)  # epoch -> {"ts": ms, "metrics": {...}}
     logged: int = -1  # the last epoch whose metrics went to MLflow
     position: dict[str, Any] | None = None  # a mid-epoch checkpoint's {"epoch", "stages", "totals"}: resume there
