@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from rwray.errors import DataError, PathError
+from rwray.text import some
 
 
 def inside(root: str | Path, path: str | Path) -> bool:
@@ -77,6 +78,6 @@ def check_shard_files(data_dir: str | Path, files: Iterable[str]) -> None:
             link = f" (a symlink to {path.resolve()})" if path.is_symlink() else f" (resolves to {path.resolve()})"
             escaped.append(f"{name}{link}")
     if escaped:
-        raise DataError(f"shard directory {root} lists files outside itself: {', '.join(escaped)}. Shards are read "
-                        f"only from inside data.dir. Fix: copy the real files into {root} (replacing the links), or "
-                        f"re-create it with `rwray data prepare <source> --out {root} --overwrite`")
+        raise DataError(f"shard directory {root} lists files outside itself ({len(escaped)}): {some(escaped)}. "
+                        f"Shards are read only from inside data.dir. Fix: copy the real files into {root} (replacing "
+                        f"the links), or re-create it with `rwray data prepare <source> --out {root} --overwrite`")

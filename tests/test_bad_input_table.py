@@ -522,7 +522,7 @@ ROWS = [
     Row("column-missing", "data", "a train shard without its index column", data(_drop_index_column), DataError,
         ("differ from the manifest's", "Fix:")),
     Row("class-without-samples", "data", "manifest: class 3 has zero training samples", data(_zero_class),
-        DataError, ("class(es) ['3'] have zero training samples", "Fix:")),
+        DataError, ("1 class has zero training samples: 3;", "Fix:")),
     Row("no-validation-split", "data", "manifest: val split empty", data(_no_val), DataError,
         ("has no validation split", "prepare it with --val-per-class > 0")),
     Row("shard-symlink-escape", "data", "a train shard replaced by a symlink to a file outside data.dir",

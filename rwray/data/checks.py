@@ -1,6 +1,11 @@
 """`verify`: check a shard directory end to end against its manifest (files present, checksums, Parquet footers,
 columns, image width, label range, class counts) and report every problem at once in one DataError.
 
+`class_count_problems` is the class-count rule itself, shared with `prepare` (`rwray.data.splits` for array sources,
+`rwray.data.imagewrite` for image files), which applies it to the counts it knows before reading any image, so it
+refuses, with the same words, a set `verify` would reject; `check_staged` runs `verify` on what `prepare` wrote before
+it is moved into place, so a directory `prepare` reports as written is one `verify` accepts.
+
 Named checks.py rather than verify.py so that `rwray.data.verify` (the function the package exports) does not
 shadow a submodule of the same name.
 """
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -16,6 +22,26 @@ import pyarrow.parquet as pq
 
 from rwray.data.manifest import MANIFEST, SPLITS, Manifest, file_sha256
 from rwray.errors import DataError
+from rwray.text import plural, some
+
+MAX_PROBLEMS_SHOWN = 50  # verify's message lists this many problems, then a count
+
+
+def class_count_problems(counts: Sequence[int], classes: Sequence[str], num_classes: int) -> list[str]:
+    """What is wrong with a train split's per-class counts [K] (empty: nothing), as sentences without a fix: each
+    caller adds its own (`verify`: re-create the directory; `prepare`: nothing was written).
+
+    A class without training samples is refused because class-count methods (class-balanced losses, Balanced
+    Softmax's log n_c, LDAM margins, class-aware sampling) divide by or take the log of n_c."""
+    out = []
+    if len(counts) != num_classes:
+        out.append(f"train class_counts has {len(counts)} entries for {num_classes} classes")
+    empty = [classes[c] if c < len(classes) else str(c) for c, n in enumerate(counts) if n == 0]
+    if empty:
+        out.append(f"{plural(len(empty), 'class', 'classes')} {'has' if len(empty) == 1 else 'have'} zero training "
+                   f"samples: {some(empty)}; methods that divide by class counts fail, so every class needs at least "
+                   "one (a smaller imbalance factor or noise rate, a larger source, or training images for them)")
+    return out
 
 
 def _column_range(pf: pq.ParquetFile, column: str) -> tuple[int, int] | None:
@@ -49,6 +75,7 @@ def verify(dir: Path | str, checksums: bool = True) -> Manifest:
     width = math.prod(m.image_shape)
     k = m.num_classes
     problems: list[str] = []
+    missing: list[str] = []  # shard files listed but absent: one problem for all (a partial copy loses thousands)
 
     extra_splits = sorted(set(m.data["splits"]) - set(SPLITS))  # a source's extra test sets: checked the same way
     for split in (*SPLITS, *extra_splits):
@@ -59,7 +86,7 @@ def verify(dir: Path | str, checksums: bool = True) -> Manifest:
             name = shard["file"]
             path = d / name
             if not path.is_file():
-                problems.append(f"{name}: listed in the manifest but missing from {d}. Fix: restore it or {redo}")
+                missing.append(name)
                 continue
             if checksums:
                 actual = file_sha256(path)
@@ -111,18 +138,28 @@ def verify(dir: Path | str, checksums: bool = True) -> Manifest:
                         f"Fix: {redo}"
                     )
 
+    if missing:
+        many = f" ({len(missing)} shard files)" if len(missing) > 1 else ""
+        problems.insert(0, f"{some(missing)}{many}: listed in the manifest but missing from {d}. "
+                           f"Fix: restore {'them' if many else 'it'} or {redo}")
+
     if "train" in m.data["splits"]:
-        counts = m.class_counts("train")
-        if len(counts) != k:
-            problems.append(f"{MANIFEST}: train class_counts has {len(counts)} entries for {k} classes. Fix: {redo}")
-        empty = [m.classes[c] if c < len(m.classes) else str(c) for c, n in enumerate(counts) if n == 0]
-        if empty:
-            problems.append(
-                f"{MANIFEST}: class(es) {empty} have zero training samples; methods that divide by class counts fail. "
-                f"Fix: {redo} with a smaller imbalance factor or a larger source"
-            )
+        problems += [f"{MANIFEST}: {p}. Fix: {redo}" for p in class_count_problems(m.class_counts("train"), m.classes, k)]
 
     if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise DataError(f"shard directory {d} failed verification ({len(problems)} problem(s)):\n{lines}")
+        shown = problems[:MAX_PROBLEMS_SHOWN]
+        lines = "\n".join(f"  - {p}" for p in shown)
+        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        raise DataError(f"shard directory {d} failed verification ({len(problems)} problem(s)):\n{lines}{more}")
     return m
+
+
+def check_staged(staged: Path, out: Path) -> None:
+    """`verify`'s structural checks (no re-hashing: the checksums were just taken from these files) on a directory
+    `prepare` assembled, before it replaces ``out``; its failure is a bug in the writer, never a set left on disk."""
+    try:
+        verify(staged, checksums=False)
+    except DataError as e:
+        raise DataError(f"refusing to write {out}: the shards prepared for it fail verification, so nothing was "
+                        f"written. This is a bug in rwray's writer; please report it with the command you ran.\n{e}"
+                        ) from None

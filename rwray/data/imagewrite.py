@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rwray.data.atomic import dump_manifest, staging
+from rwray.data.checks import check_staged, class_count_problems
 from rwray.data.decode import open_rgb
 from rwray.data.listing import REQUIRED_SPLITS, FileListing, raise_all
 from rwray.data.manifest import FORMAT, MANIFEST, Manifest, file_sha256
@@ -152,6 +153,13 @@ def write_listing(listing: FileListing, source: Any, out: Path, builder: Any,
     if builder.imbalance != "none" or builder.label_noise is not None:
         raise DataError(f"{source.name}: imbalance and label_noise apply to array sources (digits, cifar, ...), not "
                         "to datasets of image files, which come with their own splits; leave them unset")
+    # The listing's class counts are known before any image is read: a set `verify` would reject (a class without
+    # training images) is refused now, in its words, rather than after hours of decoding.
+    k = len(listing.classes)
+    if problems := class_count_problems(np.bincount(listing.splits["train"].labels, minlength=k), listing.classes, k):
+        raise DataError(f"{source.name}: the listing's train split: {'; '.join(problems)}. Nothing was written to "
+                        f"{out}. Fix: list training images for every class, or leave the classes without any out of "
+                        "the class list (num_classes, classes file)")
     # Manifest order: train, val, test, then the listing's extra evaluation splits.
     order = [*REQUIRED_SPLITS, *(s for s in listing.splits if s not in REQUIRED_SPLITS)]
     listing.splits = {s: listing.splits[s] for s in order}
@@ -175,6 +183,7 @@ def write_listing(listing: FileListing, source: Any, out: Path, builder: Any,
         if problems:
             raise_all(f"{source.name}: images that cannot be read (nothing was written to {out})", problems)
         (tmp / MANIFEST).write_bytes(dump_manifest(_manifest(listing, source, builder, jobs, results)))
+        check_staged(tmp, out)
     return Manifest.load(out)
 
 

@@ -87,6 +87,8 @@ def listing_problems(listing: FileListing) -> list[str]:
                 out.append(f"extra column name {c!r} is reserved ({', '.join(RESERVED)})")
             if v.shape != (n,):
                 out.append(f"{name} column {c!r} has shape {v.shape}, expected ({n},)")
+            elif c == "clean_label" and n and (v.min() < -1 or v.max() >= k):  # `verify` checks it: -1 is "unknown"
+                out.append(f"{name}: clean_label spans [{v.min()}, {v.max()}], outside [-1, {k})")
     return out
 
 

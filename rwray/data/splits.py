@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import Field, model_validator
 
+from rwray.data.checks import class_count_problems
 from rwray.data.longtail import ImbalanceKind, longtail_counts, select_per_class
 from rwray.data.noise import NoiseKind, corrupt_labels
 from rwray.data.sources import RawData
 from rwray.errors import DataError
 from rwray.registry import Params
+from rwray.text import plural, some
 
 
 class BuilderParams(Params):
@@ -60,11 +62,15 @@ def build_splits(raw: RawData, b: BuilderParams) -> dict[str, Split]:
     val_rng, lt_rng, noise_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(b.seed).spawn(3))
 
     available = np.bincount(y, minlength=num_classes)  # [C]
+    # Refused with `verify`'s own words (one rule: checks.class_count_problems), before any shard is written.
+    if problems := class_count_problems(available, raw.classes, num_classes):
+        raise DataError(f"the source's train pool: {'; '.join(problems)}")
     short = [c for c in range(num_classes) if available[c] <= b.val_per_class]
     if short:
         raise DataError(
-            f"val_per_class={b.val_per_class} leaves no training images for class(es) {short} "
-            f"(they have {[int(available[c]) for c in short]} in the train pool); lower val_per_class"
+            f"val_per_class={b.val_per_class} leaves no training images for {plural(len(short), 'class', 'classes')} "
+            f"({some(f'{raw.classes[c]}: {int(available[c])} in the train pool' for c in short)}); lower "
+            f"val_per_class below {int(available.min())}, the smallest class's count"
         )
     val_idx = select_per_class(y, [b.val_per_class] * num_classes, val_rng)  # [C * val_per_class] sorted
     rest = np.setdiff1d(np.arange(y.size, dtype=np.int64), val_idx)  # [N - |val|] sorted
@@ -98,13 +104,11 @@ def build_splits(raw: RawData, b: BuilderParams) -> dict[str, Split]:
         for name, s in splits.items():
             s.extras["clean_label"] = clean if name == "train" else s.labels.copy()
     # Checked on the labels training will see (after noise): `verify` rejects a class without training samples, so
-    # `prepare` must never write one.
+    # `prepare` must never write one; the same rule, in the same words.
     train_counts = np.bincount(splits["train"].labels, minlength=num_classes)  # [C]
-    empty = [c for c in range(num_classes) if train_counts[c] == 0]
-    if empty:
+    if problems := class_count_problems(train_counts, raw.classes, num_classes):
         raise DataError(
-            f"imbalance {b.imbalance!r} (factor {b.factor}) with label noise {b.label_noise!r} (rate {b.noise_rate}) "
-            f"leaves class(es) {empty} with no training labels (largest class has {int(train_counts.max())}); "
-            "lower the factor or the noise rate, or use a larger source"
+            f"the train split of imbalance {b.imbalance!r} (factor {b.factor}) with label noise {b.label_noise!r} "
+            f"(rate {b.noise_rate}), largest class {int(train_counts.max())}: {'; '.join(problems)}"
         )
     return splits

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rwray.data.atomic import check_out, dump_manifest, staging
+from rwray.data.checks import check_staged
 from rwray.data.listing import FileListing
 from rwray.data.manifest import BASE_COLUMNS, FORMAT, MANIFEST, Manifest, file_sha256
 from rwray.data.sources import SOURCES
@@ -141,4 +142,5 @@ def prepare(source: Params, out: Path, builder: BuilderParams | None = None, ove
             "splits": split_info,
         }
         (tmp / MANIFEST).write_bytes(dump_manifest(manifest))
+        check_staged(tmp, out)  # what `verify` checks, before it replaces out (class counts: build_splits, above)
     return Manifest.load(out)
