@@ -1,7 +1,8 @@
 """Long lists in messages, kept short: the count and the first few items, never hundreds of names.
 
     plural(990, "class", "classes")            -> "990 classes"
-    some(["n01440764", "n01443537", ...])      -> "n01440764, n01443537, n01484850, n01491361, n01494475, ... and 985 more"
+    some(["n01440764", "n01443537", ...])      -> "n01440764, n01443537, n01484850, n01491361, n01494475, ...
+                                                   and 985 more"
 
 A message that names classes (a 1,000- or 8,142-class dataset), files or splits goes through `some`, so its length
 stays bounded whatever the dataset's size; the count itself is always given in full.

@@ -6,7 +6,8 @@
 
 One job per module: sources.py (raw arrays, the SOURCES registry; cifar.py, mnist.py, biased.py read and build
 them), longtail.py and noise.py (pure numpy), splits.py (raw -> train/val/test), write.py (`prepare`: Parquet +
-manifest), manifest.py (the format and its reader), checks.py (`verify`), augment.py (batched tensor ops in the loop).
+manifest), manifest.py (the format and its reader), checks.py (`verify`, and the class-count rule `prepare` applies
+before writing), augment.py (batched tensor ops in the loop).
 """
 
 from rwray.data.checks import verify

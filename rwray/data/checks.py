@@ -144,7 +144,8 @@ def verify(dir: Path | str, checksums: bool = True) -> Manifest:
                            f"Fix: restore {'them' if many else 'it'} or {redo}")
 
     if "train" in m.data["splits"]:
-        problems += [f"{MANIFEST}: {p}. Fix: {redo}" for p in class_count_problems(m.class_counts("train"), m.classes, k)]
+        counts = m.class_counts("train")
+        problems += [f"{MANIFEST}: {p}. Fix: {redo}" for p in class_count_problems(counts, m.classes, k)]
 
     if problems:
         shown = problems[:MAX_PROBLEMS_SHOWN]

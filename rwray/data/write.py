@@ -102,7 +102,10 @@ def prepare(source: Params, out: Path, builder: BuilderParams | None = None, ove
     is not called while the source itself is read and split, which comes first.
 
     Everything is written into a temporary sibling directory that is renamed onto ``out`` only when complete, so a
-    failure (or Ctrl-C) leaves either the previous contents of ``out`` or nothing, never half a dataset.
+    failure (or Ctrl-C) leaves either the previous contents of ``out`` or nothing, never half a dataset. A set
+    `verify` would reject is never written: a class without training samples is refused before the first shard
+    (`rwray.data.checks.class_count_problems`, verify's own rule and words), and verify's structural checks run on
+    the finished temporary directory before it replaces ``out`` (`rwray.data.checks.check_staged`).
     """
     builder = builder if builder is not None else BuilderParams()
     out = Path(out).expanduser().absolute()
