@@ -132,6 +132,29 @@ class BatchTooLarge(RwrayError, MemoryError):
         return type(self), (self.field, self.size, self.where, self.grad_accum, self.detail)
 
 
+class OutOfMemory(RwrayError, MemoryError):
+    """A process of the run used more host memory than its node could give: killed by Ray's memory monitor (or a
+    Python MemoryError). The message names the process, where the run was, the memory figures, what Ray Train's
+    retries did and the config fields to change; ``details`` keeps what was parsed from Ray's report (rank, pid,
+    node, bytes) and Ray's own text, for the driver to complete the report and to file that text in the run's log."""
+
+    exit_code = 1
+
+    def __init__(self, process: str, memory: str, stage: str = "", fix: str = "", retries: str = "", note: str = "",
+                 details: dict | None = None):
+        self.process, self.memory, self.stage, self.fix, self.retries, self.note = (process, memory, stage, fix,
+                                                                                    retries, note)
+        self.details = dict(details or {})
+        lines = [f"out of memory: {process} was killed{f' {stage}' if stage else ''}.", f"  memory: {memory}"]
+        lines += [f"  retries: {retries}"] if retries else []
+        lines += [f"  fix: {fix}"] if fix else []
+        lines += [f"  {note}"] if note else []
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self):
+        return type(self), (self.process, self.memory, self.stage, self.fix, self.retries, self.note, self.details)
+
+
 class Interrupted(KeyboardInterrupt):
     """The run was stopped from outside: SIGTERM (`kill`, `ray job stop`, a scheduler's preemption notice), Ctrl-C,
     or its Ray Train controller killed on purpose (a Tune scheduler ending the trial, `ray.kill`). A KeyboardInterrupt,

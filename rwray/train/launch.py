@@ -13,6 +13,7 @@ checkpoint, in the same MLflow run.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import threading
@@ -29,7 +30,8 @@ from rwray.train.identity import RunLock, run_name, start_or_resume
 from rwray.train.inputs import streams
 from rwray.train.loop import train_loop_per_worker
 from rwray.train.preflight import check_paths, check_resume, ensure_data, resolve_paths
-from rwray.train.fatal import root_cause, stop_on_fatal_errors, stopped_from_outside
+from rwray.train import oom
+from rwray.train.fatal import oom_tolerant_torch_config, root_cause, stop_on_fatal_errors, stopped_from_outside
 from rwray.train.rayenv import check_address, connect_ray, data_sources, signals, torch_trainer
 
 
@@ -76,6 +78,9 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
         elif handle.note:
             output.say(f"starting a new run {run_name(cfg)!r}: {handle.note}")
         spool = tracking.spool_dir(cfg, run_id)
+        # Where each rank is (pid, epoch, step), always kept: the driver reads it to say where a worker ran out of
+        # memory (rwray.train.oom). RWRAY_WORKER_STATUS_DIR puts it elsewhere (fault-injection tests, operators).
+        status_dir = os.environ.get("RWRAY_WORKER_STATUS_DIR") or str(status_path(cfg, handle.ray_name))
         if handle.resumed:  # what a previous driver's workers could not send goes first
             tracking.replay(uri, run_id, spool, timeout_s=min(flush_s, 30.0))
         error: BaseException | None = None
@@ -99,7 +104,7 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
                     train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
                                        "spool_dir": spool, "tables": tables,
                                        "label": run_name(cfg) if parent_run_id else "",
-                                       "status_dir": os.environ.get("RWRAY_WORKER_STATUS_DIR"),
+                                       "status_dir": status_dir,
                                        "trace_dir": os.environ.get("RWRAY_SAMPLE_TRACE_DIR")},
                     scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers,
                                                            use_gpu=cfg.scaling.use_gpu,
@@ -111,11 +116,13 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
                         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                         logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-                        callbacks=[stop_on_fatal_errors(), *callbacks]),
+                        callbacks=[stop_on_fatal_errors(cfg.train.max_failures, status_dir, cfg.train.epochs),
+                                   *callbacks]),
                     datasets=data,
                     # Nothing is split by Ray: train order and split are the loop's (TrainRows), eval splits are
                     # divided by index % world.
                     dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+                    torch_config=oom_tolerant_torch_config(),
                 )
                 result = trainer.fit()
                 published = (publish_model(cfg, uri, run_id, manifest, spool, register) if cfg.tracking.log_model
@@ -128,6 +135,12 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
                 error = Interrupted("stopped by SIGINT")  # Ray's Ctrl-C handler aborts the run via sys.exit(0)
             elif stopped_from_outside(error):
                 error = Interrupted(f"the Ray Train controller was stopped from outside ({str(error)[:200]})")
+            elif (report := oom.explain(e, cfg, status_dir, manifest.num_samples("train"),
+                                        oom_note(run_id, logs))) is not None:
+                if output.captured() and report.details.get("ray_text"):  # Ray's own words, for the log file only
+                    logging.getLogger("rwray.oom").warning("Ray's report of the out-of-memory kill:\n%s",
+                                                           report.details["ray_text"])
+                error = report
             raise error from None
         finally:
             tracking.finish(uri, run_id, error, spool_dir=spool, timeout_s=flush_s)
@@ -139,6 +152,17 @@ def _imports_and_store(uri: str) -> None:
     with contextlib.suppress(Exception):
         import ray.train.torch  # noqa: F401
     tracking.open_store(uri)
+
+
+def oom_note(run_id: str, logs: Path | None) -> str:
+    return (f"The MLflow run {run_id[:8]} closes as FAILED and keeps the metrics and checkpoints logged so far"
+            + (f"; Ray's own report is in {logs}" if logs is not None else "") + ".")
+
+
+def status_path(cfg: Config, ray_name: str) -> Path:
+    """The run's per-rank status folder, beside its log file (a node-local folder when output_dir is an object
+    store: then the driver sees only its own node's workers)."""
+    return log_path(cfg, ray_name).with_suffix(".status")
 
 
 def log_path(cfg: Config, ray_name: str) -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from rwray.metrics import BEST_EPOCH, SAMPLES_PER_S, TRAIN_LOSS, TRAIN_LR, best_key, split_key
+from rwray.train.faults import memory_fault
 
 
 def format_duration(seconds: float) -> str:
@@ -71,20 +72,34 @@ def progress_line(epoch: int, epochs: int, m: dict[str, float], select: str) -> 
             + (f"  {m[SAMPLES_PER_S]:.0f} samples/s" if trained else ""))
 
 
-def status_writer(folder: str | None, rank: int, start_epoch: int) -> Callable[[int, int], None]:
-    """Progress as <folder>/rank<r>.json {pid, rank, start_epoch, epoch, step}: lets an operator (or a
-    fault-injection test) find which process runs which rank, where it resumed and where it is. Off unless the
-    driver had RWRAY_WORKER_STATUS_DIR set."""
+STATUS_BYTES = 512  # a status record's fixed size on disk (JSON padded with spaces)
+
+
+def status_writer(folder: str | None, rank: int, start_epoch: int) -> Callable[..., None]:
+    """Progress as <folder>/rank<r>.json {pid, rank, start_epoch, epoch, step, stage}: lets an operator (or a
+    fault-injection test) find which process runs which rank, where it resumed and where it is, and the driver say
+    where a worker was when it ran out of memory (`rwray.train.oom`). ``step`` is the last step done (-1: none yet);
+    ``stage`` is "train" unless the caller names another ("evaluate <split>", "final artifacts"). Off without a
+    folder. The `rwray.train.faults` memory injector, when set, runs after each write."""
+    fault = memory_fault(rank)
     if not folder:
-        return lambda epoch, step: None
+        return (lambda epoch, step, stage="train": None) if fault is None else (
+            lambda epoch, step, stage="train": fault(epoch, step))
     path = Path(folder) / f"rank{rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    # One in-place write of a fixed-size record per call (~10 us): a new file renamed over the old one costs ~1 ms
+    # per step on ext4, which flushes data on every rename over an existing file. A reader that catches a record
+    # half-written sees unparsable JSON and takes it as no record.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    os.ftruncate(fd, 0)
+    pid = os.getpid()
 
-    def write(epoch: int, step: int) -> None:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "rank": rank, "start_epoch": start_epoch, "epoch": epoch,
-                                   "step": step}))
-        os.replace(tmp, path)
+    def write(epoch: int, step: int, stage: str = "train") -> None:
+        record = json.dumps({"pid": pid, "rank": rank, "start_epoch": start_epoch, "epoch": epoch, "step": step,
+                             "stage": stage[:200]})
+        os.pwrite(fd, record.encode().ljust(STATUS_BYTES), 0)
+        if fault is not None:
+            fault(epoch, step)
 
     return write
 
