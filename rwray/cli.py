@@ -147,6 +147,60 @@ def data_prepare(
             console.print(f"note: {note}")
 
 
+@data_app.command("synth")
+def data_synth(
+    name: str = typer.Argument(..., help="imagenet_lt, places_lt, inat2018, clothing1m, iwildcam or imagenet9"),
+    out: Path = typer.Option(..., "--out", help="folder to write the raw dataset into (its real on-disk format)"),
+    scale: float = typer.Option(1.0, help="split sizes and per-class counts times this (every class keeps one)"),
+    size: int = typer.Option(32, help="the shorter side of every image, pixels"),
+    classes: Optional[int] = typer.Option(None, help="the same images per split, over this many classes"),
+    seed: int = typer.Option(0),
+    workers: Optional[int] = typer.Option(None, help="processes encoding images (default: one per CPU)"),
+    overwrite: bool = typer.Option(False, help="replace what --out holds"),
+) -> None:
+    """Write a synthetic dataset with a large dataset's published shape in its exact on-disk format."""
+    from rich import progress as rp
+    from rich.text import Text
+
+    from rwray.data.synth import synthesize
+
+    class FilesPerSecond(rp.ProgressColumn):
+        def render(self, task) -> Text:
+            elapsed = task.finished_time or task.elapsed
+            speed = f"{task.completed / elapsed:,.0f}" if elapsed and task.completed else "-"
+            return Text(f"{speed} files/s", style="progress.data.speed")
+
+    with friendly_errors():
+        columns = (rp.TextColumn("{task.description:<12}"), rp.BarColumn(), rp.MofNCompleteColumn(), FilesPerSecond(),
+                   rp.TimeElapsedColumn(), rp.TextColumn("ETA"), rp.TimeRemainingColumn())
+        with rp.Progress(*columns, console=console) as bar:
+            planning = bar.add_task(f"planning {name}", total=None)  # lists and labels come before the first image
+            task: list[int] = []
+
+            def images_written(done: int, total: int) -> None:
+                if not task:
+                    bar.remove_task(planning)
+                    task.append(bar.add_task("images", total=total))
+                bar.update(task[0], completed=done)
+
+            try:
+                s = synthesize(name, out, scale=scale, size=size, classes=classes, seed=seed, workers=workers,
+                               overwrite=overwrite, progress=images_written)
+            except BaseException:
+                if not task:  # refused before any image: the message alone
+                    bar.remove_task(planning)
+                raise
+        counts = sorted(s.train_counts, reverse=True)
+        console.print(f"wrote {s.out}: {s.files:,} images, {s.bytes / 2**20:,.1f} MiB in {s.seconds:,.1f} s "
+                      f"({s.files / max(s.seconds, 1e-9):,.0f} files/s)", highlight=False)
+        console.print(f"splits {s.splits}; {s.num_classes} classes; train per class {counts[0]}..{counts[-1]}",
+                      highlight=False)
+        for note in s.notes:
+            console.print(f"note: {note}", highlight=False)
+        console.print("read it with:", highlight=False)
+        console.print(s.prepare_command(f"{s.out}-shards"), highlight=False, markup=False, soft_wrap=True)
+
+
 @data_app.command("verify")
 def data_verify(directory: Path) -> None:
     """Check a shard directory against its manifest (checksums, shapes, labels)."""
