@@ -410,6 +410,34 @@ def predict(source: str = SOURCE, data: Path = DATA,
         console.print(f"wrote {n} rows (index, label, pred, {what}) to {out}")
 
 
+@app.command()
+def rehearse(jobs: List[Path] = typer.Argument(..., help="job YAMLs on large datasets (jobs/paper, jobs/large); a "
+                                               "second stage after its first"),
+             scale: float = typer.Option(0.01, help="every split and class count times this (1: the real size)"),
+             size: int = typer.Option(32, help="synthetic images' shorter side and the crop size, pixels"),
+             classes: Optional[int] = typer.Option(None, help="the same images over this many classes"),
+             epochs: int = typer.Option(1, min=1), workers: int = typer.Option(2, min=1, help="CPU train workers"),
+             out: Path = typer.Option(Path("runs/rehearsal"), help="synthetic data, shards and each job's run"),
+             report: Optional[Path] = typer.Option(None, help="also write the markdown tables here")) -> None:
+    """Run large jobs end to end on this machine at their datasets' real shape (synthetic images in the real file
+    formats): prepare, verify, train, model, registry, evaluate, predict; each stage's time and memory."""
+    from rwray.rehearse import Options, rehearse as run_all
+    from rwray.rehearse_report import markdown
+
+    with friendly_errors():
+        opts = Options(out=out.absolute(), scale=scale, size=size, classes=classes, epochs=epochs, workers=workers)
+        done = run_all(jobs, opts, say=_show)
+        from dataclasses import asdict
+
+        text = markdown(f"Rehearsal at scale {scale:g}", f"`rwray rehearse {' '.join(map(str, jobs))} --scale "
+                        f"{scale:g} --size {size}" + (f" --classes {classes}" if classes else "")
+                        + f" --epochs {epochs} --workers {workers}`", [asdict(r) for r in done])
+        sys.stdout.write(text)
+        if report is not None:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(text)
+
+
 def _summary(name: str, result) -> None:
     from rwray.metrics import BEST_EPOCH, SUMMARY_KEYS, best_key, split_key
 
