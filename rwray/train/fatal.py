@@ -44,19 +44,20 @@ def stop_on_fatal_errors(max_failures: int = 0, status_dir: str | None = None, e
                 cause = root_cause(err)
                 if is_fatal(cause):
                     raise cause
-            from rwray.train import oom
+            from rwray.train import oom, oom_report
 
             hit = oom.in_failures(worker_exceptions)
             if hit is None:
                 return
             repeated = self.oom_since_checkpoint
-            retries = self.failures - 1
             if repeated or self.failures > max_failures:
-                raise oom.partial(*hit, oom.retries_text(retries, max_failures, repeated), status_dir, epochs)
+                retries = oom_report.retries_text(self.failures - 1, max_failures, repeated)
+                raise oom_report.partial(*hit, retries, status_dir, epochs)
             self.oom_since_checkpoint = True
             from rwray import output
 
-            output.say(oom.retry_line(oom.partial(*hit, "", status_dir, epochs), self.failures, max_failures))
+            report = oom_report.partial(*hit, "", status_dir, epochs)
+            output.say(oom_report.retry_line(report, self.failures, max_failures))
 
     return StopOnFatalErrors()
 

@@ -30,7 +30,7 @@ from rwray.train.identity import RunLock, run_name, start_or_resume
 from rwray.train.inputs import streams
 from rwray.train.loop import train_loop_per_worker
 from rwray.train.preflight import check_paths, check_resume, ensure_data, resolve_paths
-from rwray.train import oom
+from rwray.train import oom_report
 from rwray.train.fatal import oom_tolerant_torch_config, root_cause, stop_on_fatal_errors, stopped_from_outside
 from rwray.train.rayenv import check_address, connect_ray, data_sources, signals, torch_trainer
 
@@ -79,7 +79,7 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
             output.say(f"starting a new run {run_name(cfg)!r}: {handle.note}")
         spool = tracking.spool_dir(cfg, run_id)
         # Where each rank is (pid, epoch, step), always kept: the driver reads it to say where a worker ran out of
-        # memory (rwray.train.oom). RWRAY_WORKER_STATUS_DIR puts it elsewhere (fault-injection tests, operators).
+        # memory (rwray.train.oom_report). RWRAY_WORKER_STATUS_DIR puts it elsewhere (fault-injection tests, operators).
         status_dir = os.environ.get("RWRAY_WORKER_STATUS_DIR") or str(status_path(cfg, handle.ray_name))
         if handle.resumed:  # what a previous driver's workers could not send goes first
             tracking.replay(uri, run_id, spool, timeout_s=min(flush_s, 30.0))
@@ -135,8 +135,8 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
                 error = Interrupted("stopped by SIGINT")  # Ray's Ctrl-C handler aborts the run via sys.exit(0)
             elif stopped_from_outside(error):
                 error = Interrupted(f"the Ray Train controller was stopped from outside ({str(error)[:200]})")
-            elif (report := oom.explain(e, cfg, status_dir, manifest.num_samples("train"),
-                                        oom_note(run_id, logs))) is not None:
+            elif (report := oom_report.explain(e, cfg, status_dir, manifest.num_samples("train"),
+                                               oom_note(run_id, logs))) is not None:
                 if output.captured() and report.details.get("ray_text"):  # Ray's own words, for the log file only
                     logging.getLogger("rwray.oom").warning("Ray's report of the out-of-memory kill:\n%s",
                                                            report.details["ray_text"])

@@ -1,5 +1,4 @@
-"""An out-of-memory kill, told as what it is: which process, how much memory it and its node used, where the run
-was, and which config fields to change.
+"""An out-of-memory kill as Ray reports it: the fields of its text, and where it sits among Ray's wrappers.
 
 Ray's memory monitor (the raylet) kills a worker process when its node's memory use passes
 ``RAY_memory_usage_threshold`` (0.95 of the node by default, read when Ray starts). The caller of that process's
@@ -8,20 +7,14 @@ whose text says so), whose message is Ray's report: the node's memory, the thres
 the node's largest processes. Ray's wording changed over versions (2.56 reworded the report); `parse` reads both
 forms and leaves a field None where the text does not say it. Ray's own text is kept for the run's log file.
 
-Where a training worker was comes from the per-rank status file the loop writes (`rwray.train.progress`), matched
-by pid. A driver killed by the kernel's OOM killer cannot report anything (SIGKILL): its MLflow run stays RUNNING
-and the next start of the job continues it.
-
+What to tell the user (which process, where the run was, what to change) is `rwray.train.oom_report`'s.
 Imported by Ray Train's controller (`rwray.train.fatal`): nothing here imports more than `rwray.errors` at import.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 from rwray.errors import OutOfMemory
@@ -29,16 +22,17 @@ from rwray.errors import OutOfMemory
 GIB = float(1 << 30)  # Ray's "GB" in these reports is bytes / 2**30
 OOM_MARKERS = ("running low on memory", "NODE_OUT_OF_MEMORY", "OOM kill reason")
 
+_NUM = r"\d+(?:\.\d+)?"
 _NODE = re.compile(r"Memory on the node \(IP: (?P<ip>[^,()\s]+), ID: \w+\)")
-_NODE_NEW = re.compile(r"was (?P<used>[\d.]+) ?GB used / (?P<total>[\d.]+) ?GB limit")
-_NODE_OLD = re.compile(r"was running was (?P<used>[\d.]+) ?GB / (?P<total>[\d.]+) ?GB \((?P<frac>[\d.]+)\),? which "
-                       r"exceeds the memory usage threshold of (?P<thr>[\d.]+)")
+_NODE_NEW = re.compile(rf"was (?P<used>{_NUM}) ?GB used / (?P<total>{_NUM}) ?GB limit")
+_NODE_OLD = re.compile(rf"was running was (?P<used>{_NUM}) ?GB / (?P<total>{_NUM}) ?GB \({_NUM}\),? which exceeds the "
+                       rf"memory usage threshold of (?P<thr>{_NUM})")
 _REASON = re.compile(r"Memory usage (?P<used>\d+) ?B exceeded threshold of (?P<thr>\d+) ?B \([\d.]+% of "
                      r"(?P<total>\d+) ?B limit\)")
 _SELECTED = re.compile(r"Selected to kill: \((?P<body>.*?)worker ID=", re.S)  # 2.56+: one per process killed
-_TASK_OLD = re.compile(r"where the task \((?:task|actor) ID: \w+, name=(?P<name>[^,]+), pid=(?P<pid>\d+), "
-                       r"memory used=(?P<used>[\d.]+) ?GB\)")
-_TOP = re.compile(r"^\s*(?P<pid>\d+)\s+(?P<gib>[\d.]+)\s+(?P<cmd>\S.*)$", re.M)
+_TASK_OLD = re.compile(rf"where the task \((?:task|actor) ID: \w+, name=(?P<name>[^,]+), pid=(?P<pid>\d+), "
+                       rf"memory used=(?P<used>{_NUM}) ?GB\)")
+_TOP = re.compile(rf"^\s*(?P<pid>\d+)\s+(?P<gib>{_NUM})\s+(?P<cmd>\S.*)$", re.M)
 
 
 @dataclass
@@ -54,17 +48,19 @@ class Kill:
     node_total: int | None = None
     threshold: float | None = None  # the kill threshold, a fraction of node_total
     top: list[tuple[int, float, str]] = field(default_factory=list)  # the node's largest: (pid, GiB, command)
+    # Ray 2.56+ may kill several processes at once: the others, (pid, name, bytes); the one above used the most
+    also: list[tuple[int, str, int | None]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"pid": self.pid, "name": self.name, "command": self.command, "used": self.used,
                 "node_ip": self.node_ip, "node_used": self.node_used, "node_total": self.node_total,
-                "threshold": self.threshold, "top": [list(t) for t in self.top]}
+                "threshold": self.threshold, "top": [list(t) for t in self.top], "also": [list(t) for t in self.also]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Kill":
         return cls(**{**{k: d.get(k) for k in ("pid", "used", "node_used", "node_total", "threshold")},
                       "name": d.get("name") or "", "command": d.get("command") or "", "node_ip": d.get("node_ip") or "",
-                      "top": [tuple(t) for t in d.get("top") or []]})
+                      "top": [tuple(t) for t in d.get("top") or []], "also": [tuple(t) for t in d.get("also") or []]})
 
 
 def is_oom_text(text: str) -> bool:
@@ -73,6 +69,13 @@ def is_oom_text(text: str) -> bool:
 
 def _gib(value: str) -> int:
     return int(float(value) * GIB)
+
+
+def _entry(body: str) -> tuple[int | None, str, int | None]:
+    """(pid, task name, bytes used) of one "Selected to kill" entry."""
+    name, pid, used = re.search(r"task name=([^,]+)", body), re.search(r"\bpid=(\d+)", body), re.search(
+        rf"memory used=({_NUM}) ?GB", body)
+    return (int(pid[1]) if pid else None, name[1].strip() if name else "", _gib(used[1]) if used else None)
 
 
 def parse(text: str) -> Kill | None:
@@ -89,14 +92,9 @@ def parse(text: str) -> Kill | None:
         k.node_used, k.node_total, k.threshold = _gib(m["used"]), _gib(m["total"]), float(m["thr"])
     if k.node_used is None and (m := _NODE_NEW.search(text)):
         k.node_used, k.node_total = _gib(m["used"]), _gib(m["total"])
-    if m := _SELECTED.search(text):
-        body = m["body"]
-        if n := re.search(r"task name=([^,]+)", body):
-            k.name = n[1].strip()
-        if n := re.search(r"\bpid=(\d+)", body):
-            k.pid = int(n[1])
-        if n := re.search(r"memory used=([\d.]+) ?GB", body):
-            k.used = _gib(n[1])
+    if selected := [_entry(m["body"]) for m in _SELECTED.finditer(text)]:
+        selected.sort(key=lambda e: -(e[2] or 0))  # the largest first: the likeliest cause
+        (k.pid, k.name, k.used), k.also = selected[0], selected[1:]
     elif m := _TASK_OLD.search(text):
         k.name, k.pid, k.used = m["name"].strip(), int(m["pid"]), _gib(m["used"])
     else:  # an ActorDiedError's own lines: "\tpid: 1412", "\tclass_name: X", "\tip: 10.0.0.1"
@@ -149,22 +147,18 @@ def is_oom(err: BaseException) -> bool:
         return False
 
 
-def find(err: BaseException, rank: int | None = None) -> tuple[int | None, BaseException] | None:
-    """The first out-of-memory error inside ``err`` (depth first, ranks in order), with the worker rank it came
-    from when Ray said. ``rank`` is the rank already known from an outer wrapper."""
-    seen: set[int] = set()
-    stack: list[tuple[int | None, BaseException]] = [(rank, err)]
-    while stack:
-        r, e = stack.pop(0)
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if is_oom(e):
-            if r is None:  # an inner wrapper may still name the rank
-                r = next((cr for cr, _ in _children(e) if cr is not None), None)
-            return r, e
-        stack[:0] = [(cr if cr is not None else r, c) for cr, c in _children(e)]
-    return None
+def find(err: BaseException, rank: int | None = None, _seen: set[int] | None = None
+         ) -> tuple[int | None, BaseException] | None:
+    """The innermost out-of-memory error inside ``err`` (Ray's own rather than a wrapper quoting its text; ranks in
+    order), with the worker rank it came from where Ray said. ``rank``: the rank an outer wrapper named."""
+    seen = set() if _seen is None else _seen
+    if id(err) in seen:
+        return None
+    seen.add(id(err))
+    for child_rank, child in _children(err):
+        if (hit := find(child, child_rank if child_rank is not None else rank, seen)) is not None:
+            return hit
+    return (rank, err) if is_oom(err) else None
 
 
 def in_failures(worker_exceptions: dict[int, BaseException]) -> tuple[int | None, BaseException] | None:
@@ -182,239 +176,3 @@ def kill_of(err: BaseException) -> tuple[Kill | None, str]:
         return (Kill.from_dict(d["kill"]) if d.get("kill") else None), d.get("ray_text", "")
     text = str(err)
     return parse(text), text
-
-
-# ------------------------------------------------------------------------------------------------ describing it
-
-
-def process_kind(kill: Kill | None, rank: int | None) -> str:
-    """train worker | decoding actor | Ray Data task | Ray Train controller | Ray worker (by Ray's names)."""
-    name = f"{kill.name} {kill.command}" if kill is not None else ""
-    if "_Decoder" in name:
-        return "decoding actor"
-    if "TrainController" in name:
-        return "Ray Train controller"
-    if re.search(r"ReadParquet|Read\w+|MapBatches|_map_task|MapWorker|ray\.data|Write\w+", name):
-        return "Ray Data task"
-    if "RayTrainWorker" in name or ((kill is None or not name.strip()) and rank is not None):
-        return "train worker"
-    return "Ray worker"
-
-
-def describe_process(kind: str, rank: int | None, kill: Kill | None) -> str:
-    pid = f"pid {kill.pid}" if kill is not None and kill.pid else ""
-    node = f"node {kill.node_ip}" if kill is not None and kill.node_ip else ""
-    where = ", ".join(filter(None, (pid, node)))
-    where = f" ({where})" if where else ""
-    if kind == "train worker":
-        return f"train worker rank {rank}{where}" if rank is not None else f"a train worker{where}"
-    if kind == "decoding actor":
-        owner = f" of train worker rank {rank}" if rank is not None else ""
-        return f"a decoding actor{owner}{where}"
-    if kind == "Ray Data task":
-        return f"a Ray Data task ({kill.name or kill.command}){where}" if kill else "a Ray Data task"
-    if kind == "Ray Train controller":
-        return f"the Ray Train controller{where}"
-    label = (kill.name or kill.command) if kill is not None else ""
-    return f"a Ray worker process{f' ({label})' if label else ''}{where}"
-
-
-def describe_memory(kill: Kill | None) -> str:
-    """The figures, in GiB (as `ray status` and scaling.memory_per_worker_gb count)."""
-    if kill is None:
-        return "a Python MemoryError (an allocation failed); Ray reported no figures"
-    parts = []
-    if kill.used is not None:
-        parts.append(f"the process used {kill.used / GIB:.1f} GiB")
-    if kill.node_used is not None and kill.node_total:
-        node = f"node {kill.node_ip}" if kill.node_ip else "its node"
-        over = (f", over Ray's kill threshold of {100 * kill.threshold:.0f}% (RAY_memory_usage_threshold, read when "
-                f"Ray starts)" if kill.threshold is not None else "")
-        parts.append(f"{node} had {kill.node_used / GIB:.1f} of {kill.node_total / GIB:.1f} GiB in use "
-                     f"({100 * kill.node_used / kill.node_total:.0f}%){over}")
-    if (others := others_gib(kill)) is not None and others > 0.5 * kill.node_used / GIB:
-        parts.append(f"other processes held {others:.1f} GiB of it (largest: {largest_other(kill)})")
-    return "; ".join(parts) if parts else "Ray's report has no figures (see the log file)"
-
-
-def brief_memory(kill: Kill | None) -> str:
-    """The figures in a few words, for a one-line retry notice."""
-    if kill is None:
-        return "a Python MemoryError"
-    parts = [f"it used {kill.used / GIB:.1f} GiB"] if kill.used is not None else []
-    if kill.node_used is not None and kill.node_total:
-        thr = f", threshold {100 * kill.threshold:.0f}%" if kill.threshold is not None else ""
-        parts.append(f"node at {kill.node_used / GIB:.1f} of {kill.node_total / GIB:.1f} GiB{thr}")
-    return "; ".join(parts)
-
-
-def others_gib(kill: Kill) -> float | None:
-    """What the node used beyond the killed process, GiB."""
-    if kill.node_used is None or kill.used is None:
-        return None
-    return max(0.0, (kill.node_used - kill.used) / GIB)
-
-
-def largest_other(kill: Kill) -> str:
-    rest = [(pid, gib, cmd) for pid, gib, cmd in kill.top if pid != kill.pid]
-    return ", ".join(f"pid {pid} {cmd[:40] + ('...' if len(cmd) > 40 else '')} {gib:.1f} GiB"
-                     for pid, gib, cmd in rest[:2]) or "see the log file"
-
-
-# ---------------------------------------------------------------------------------------------------- the stage
-
-
-def read_status(folder: str | Path | None) -> dict[int, dict[str, Any]]:
-    """rank -> the last status record each rank wrote (`rwray.train.progress.status_writer`)."""
-    out: dict[int, dict[str, Any]] = {}
-    if not folder:
-        return out
-    for path in Path(folder).glob("rank*.json"):
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("rank"), int):
-            out[rec["rank"]] = rec
-    return out
-
-
-def status_of(records: dict[int, dict[str, Any]], kind: str, pid: int | None, rank: int | None
-              ) -> tuple[int | None, dict[str, Any] | None]:
-    """(rank, the status record that says where the killed process was). A train worker's is the record it wrote
-    itself (same pid): a record of its rank from another pid belongs to an earlier process of that rank, so a worker
-    killed before its first write has none. Any other process (a decoding actor) is placed by its train worker's."""
-    if kind == "train worker":
-        for r, rec in records.items():
-            if pid is not None and rec.get("pid") == pid:
-                return r, rec
-        return rank, None
-    return rank, records.get(rank) if rank is not None else None
-
-
-def describe_stage(rec: dict[str, Any] | None, epochs: int, steps: int | None) -> str:
-    """Where a train worker was, from its status record (epochs and steps 1-based, as the terminal's epoch lines
-    count them). ``steps``: training steps per epoch, when known."""
-    if rec is None:
-        return "before its first training step (starting: building the model, restoring a checkpoint, reading data)"
-    epoch, step, stage = int(rec.get("epoch", 0)), int(rec.get("step", -1)), str(rec.get("stage") or "train")
-    at = f"in epoch {epoch + 1} of {epochs}"
-    if stage.startswith("evaluate"):
-        split = stage.split(" ", 1)[1] if " " in stage else ""
-        return f"{at}, evaluating{f' split {split}' if split else ''}"
-    if stage == "final artifacts":
-        return "after the last epoch, writing the final artifacts"
-    if stage != "train":
-        return f"{at}, {stage}"
-    if step < 0:
-        return f"{at}, before its first training step"
-    if steps is not None and step + 1 >= steps:
-        final = ", or writing the final artifacts" if epoch + 1 >= epochs else ""
-        return (f"{at}, after its last training step ({step + 1} of {steps}: evaluating, checkpointing or logging"
-                f"{final})")
-    return f"{at}, after training step {step + 1}{f' of {steps}' if steps else ''}"
-
-
-def stage_of(kind: str, rank: int | None, rec: dict[str, Any] | None, epochs: int, steps: int | None) -> str:
-    if kind == "train worker":
-        return describe_stage(rec, epochs, steps)
-    if rec is not None:  # a helper of a train worker: where that worker was
-        return f"while train worker rank {rank} was {describe_stage(rec, epochs, steps)}"
-    return ""
-
-
-def steps_per_epoch(train_rows: int, world: int, batch_size: int, drop_last: bool) -> int:
-    """Training steps one rank takes per epoch: its equal share of the split in batches."""
-    rows = train_rows // max(world, 1)
-    return rows // batch_size if drop_last else math.ceil(rows / batch_size)
-
-
-# ---------------------------------------------------------------------------------------------------- the fixes
-
-
-def fixes(kind: str, stage: str, kill: Kill | None, cfg: Any) -> str:
-    """The config fields to change, with their current values, for what was killed where."""
-    d, s, t = cfg.data, cfg.scaling, cfg.train
-    out: list[str] = []
-    if kind == "train worker" and not stage.startswith("after the last epoch"):
-        evaluating = "evaluating" in stage or "last training step" in stage
-        training = "training step" in stage and not evaluating
-        if evaluating or not training:
-            out.append(f"lower data.eval_batch_size (now {d.eval_batch_size}, e.g. {max(1, d.eval_batch_size // 2)})")
-        if training or not evaluating:
-            out.append(f"lower data.batch_size (now {d.batch_size}; data.batch_size={max(1, d.batch_size // 2)} with "
-                       f"train.grad_accum={2 * t.grad_accum} keeps the effective batch) or use a smaller model")
-        if "starting" in stage and d.stream != "stream":
-            out.append("set data.stream=stream (each worker then holds only its share of the train split, not all "
-                       "of it)")
-    elif kind == "decoding actor":
-        out.append(f"lower data.decode_window (now {d.decode_window}) or data.decode_actors (now {d.decode_actors} "
-                   f"per worker), or raise data.decode_cpus (now {d.decode_cpus:g}: fewer decoding actors per node)")
-    elif kind == "Ray Data task":
-        out.append("write the shards smaller (`rwray data prepare --rows-per-shard`), or set data.stream=stream")
-    per_worker = kill.used / GIB if kill is not None and kill.used else None
-    if kind in ("train worker", "decoding actor") and per_worker:
-        room = math.ceil(1.25 * per_worker)
-        have = f" (now {s.memory_per_worker_gb:g})" if s.memory_per_worker_gb else ""
-        out.append(f"run fewer workers per node: scaling.memory_per_worker_gb={room}{have} makes Ray place a worker "
-                   f"only where that much memory is free")
-    total = f" (this one has {kill.node_total / GIB:.0f} GiB)" if kill is not None and kill.node_total else ""
-    out.append(f"{'or ' if out else ''}use nodes with more memory{total}")
-    return "; ".join(out)
-
-
-def retries_text(count: int, max_failures: int, repeated: bool) -> str:
-    if repeated:
-        return (f"Ray Train restarted the workers {count} time{'s' if count != 1 else ''} from the last checkpoint "
-                f"and they ran out of memory again before reaching another one: further restarts "
-                f"(train.max_failures={max_failures}) would only repeat it")
-    if max_failures == 0:
-        return "not retried (train.max_failures=0)"
-    return f"Ray Train's restarts are used up (train.max_failures={max_failures})"
-
-
-# ------------------------------------------------------------------------------------------------- the reports
-
-
-def partial(rank: int | None, err: BaseException, retries: str, status_dir: str | None = None, epochs: int = 0
-            ) -> OutOfMemory:
-    """What Ray Train's controller knows (no config): the process, the figures, the retries, and, with the status
-    folder and the epoch count, where it was. `explain` completes it on the driver."""
-    kill, text = kill_of(err)
-    if isinstance(err, OutOfMemory) and err.details.get("kind"):
-        rank, kind = err.details.get("rank", rank), err.details["kind"]
-    elif kill is None and rank is None:  # a Python MemoryError raised in this process, outside the workers
-        kind = "the driver"
-    else:
-        kind = process_kind(kill, rank)
-    rank, rec = status_of(read_status(status_dir), kind, kill.pid if kill else None, rank)
-    details = {"rank": rank, "kind": kind, "kill": kill.as_dict() if kill else None, "ray_text": text[:20000],
-               "status": rec}
-    process = "the driver (this process)" if kind == "the driver" else describe_process(kind, rank, kill)
-    return OutOfMemory(process, describe_memory(kill), stage_of(kind, rank, rec, epochs, None) if epochs else "", "",
-                       retries, details=details)
-
-
-def retry_line(oom: OutOfMemory, attempt: int, max_failures: int) -> str:
-    """The one terminal line for an out-of-memory kill that Ray Train retries."""
-    kill = Kill.from_dict(oom.details["kill"]) if oom.details.get("kill") else None
-    at = f" {oom.stage}" if oom.stage else ""
-    return (f"out of memory: {oom.process} was killed by Ray's memory monitor{at} ({brief_memory(kill)}); "
-            f"restarting the workers from the last checkpoint (retry {attempt} of train.max_failures={max_failures})")
-
-
-def explain(err: BaseException, cfg: Any, status_dir: str | None, train_rows: int | None, note: str = ""
-            ) -> OutOfMemory | None:
-    """The driver's full report of an out-of-memory error anywhere inside ``err``, or None when there is none."""
-    hit = find(err)
-    if hit is None:
-        return None
-    rank, e = hit
-    retries = e.retries if isinstance(e, OutOfMemory) else ""  # Ray's own error: not through the retry rule
-    base = partial(rank, e, retries, status_dir)
-    d = base.details
-    kill = Kill.from_dict(d["kill"]) if d.get("kill") else None
-    steps = (steps_per_epoch(train_rows, cfg.scaling.num_workers, cfg.data.batch_size, cfg.data.drop_last)
-             if train_rows and cfg.train.trainable != "none" else None)
-    stage = stage_of(d["kind"], d["rank"], d.get("status"), cfg.train.epochs, steps)
-    return OutOfMemory(base.process, base.memory, stage, fixes(d["kind"], stage, kill, cfg), retries, note, d)

@@ -78,9 +78,9 @@ STATUS_BYTES = 512  # a status record's fixed size on disk (JSON padded with spa
 def status_writer(folder: str | None, rank: int, start_epoch: int) -> Callable[..., None]:
     """Progress as <folder>/rank<r>.json {pid, rank, start_epoch, epoch, step, stage}: lets an operator (or a
     fault-injection test) find which process runs which rank, where it resumed and where it is, and the driver say
-    where a worker was when it ran out of memory (`rwray.train.oom`). ``step`` is the last step done (-1: none yet);
-    ``stage`` is "train" unless the caller names another ("evaluate <split>", "final artifacts"). Off without a
-    folder. The `rwray.train.faults` memory injector, when set, runs after each write."""
+    where a worker was when it ran out of memory (`rwray.train.oom_report`). ``step`` is the last step done (-1:
+    none yet); ``stage`` is "train" unless the caller names another ("evaluate <split>", "final artifacts"). Off
+    without a folder. The `rwray.train.faults` memory injector, when set, runs after each call."""
     fault = memory_fault(rank)
     if not folder:
         return (lambda epoch, step, stage="train": None) if fault is None else (
