@@ -240,6 +240,16 @@ def test_imagenet9_has_1000_wnid_folders_and_imagenet_a_for_the_overlap(synthed)
     assert set(listing.splits["test"].columns["cluster1"].tolist()) <= set(range(9))
 
 
+def test_reclassed_data_keeps_the_split_sizes_and_the_reader_sees_k_classes(tmp_path):
+    s = synthesize("imagenet_lt", tmp_path / "k10", scale=0.01, size=8, classes=10, workers=1)
+    params, build = READERS["imagenet_lt"]
+    listing = build(params(**s.source))
+    assert s.source["num_classes"] == 10 and len(listing.classes) == 10
+    assert {sp: len(v) for sp, v in listing.splits.items()} == {"train": 1158, "val": 200, "test": 500}
+    counts = np.bincount(listing.splits["train"].labels, minlength=10)
+    assert np.array_equal(counts, s.train_counts) and counts.max() / counts.min() == pytest.approx(1280 / 5, rel=0.01)
+
+
 # ------------------------------------------------------------------------------ determinism, prepare, atomicity, CLI
 
 def _tree(root: Path) -> dict[str, bytes]:

@@ -105,9 +105,16 @@ def train_profile(k_published: int, total: int, n_max: int, n_min: int, scale: f
         lo = max(1, int(math.floor(n_min * scale + 0.5)))
         hi = max(lo, int(math.floor(n_max * scale + 0.5)))
     else:  # same shape: n_min * sum_c ratio^f(x_c) = t
-        weights = _real_counts(k, ratio, 1.0, p)
-        lo = max(1, int(math.floor(t / weights.sum() + 0.5)))
-        hi = max(lo, int(math.floor(lo * ratio + 0.5)))
+        per_min = t / _real_counts(k, ratio, 1.0, p).sum()
+        if per_min >= 1:
+            lo = int(math.floor(per_min + 0.5))
+            hi = max(lo, int(math.floor(lo * ratio + 0.5)))
+        else:  # the ratio does not fit above one image per class: narrow it until sum_c r^f(x_c) = t
+            lo, r_lo, r_hi = 1, 1.0, ratio
+            for _ in range(100):
+                mid = 0.5 * (r_lo + r_hi)
+                r_lo, r_hi = (mid, r_hi) if _real_counts(k, mid, 1.0, p).sum() < t else (r_lo, mid)
+            hi = max(1, int(math.floor(r_lo + 0.5)))
     hi = min(hi, t - (k - 1) * lo)  # room for every other class at the minimum
     if hi < lo:  # not even the minimum fits everywhere: one image per class, the rest on top
         lo = max(1, t // k)
