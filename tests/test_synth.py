@@ -287,6 +287,8 @@ def test_bad_requests_are_refused_before_anything_is_written(tmp_path):
     (tmp_path / "full" / "keep.txt").write_text("mine")
     with pytest.raises(DataError, match="already holds files"):
         synthesize("places_lt", tmp_path / "full", scale=0.001)
+    with pytest.raises(DataError, match=r"about 1,072,409,000,000 images, .* GiB free"):  # refused before planning
+        synthesize("clothing1m", tmp_path / "huge", scale=1e6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
 
 
@@ -323,5 +325,6 @@ def test_the_cli_writes_reports_and_prints_a_prepare_command_that_works(tmp_path
     again = CliRunner().invoke(cli.app, ["data", "synth", "places_lt", "--out", str(out)])
     assert again.exit_code == 2 and "already holds files" in again.output and "Traceback" not in again.output
     bad = CliRunner().invoke(cli.app, ["data", "synth", "nope", "--out", str(tmp_path / "n"), "--size", "4"])
-    assert bad.exit_code == 2 and "unknown dataset 'nope'" in bad.output and "--size must be >= 8" in bad.output
+    assert bad.exit_code == 2 and "unknown dataset 'nope'" in bad.output
+    assert "--size must be between 8 and 4096" in bad.output
     assert not (tmp_path / "n").exists()
