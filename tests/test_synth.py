@@ -7,6 +7,7 @@ classifier-balancing lists, the iNaturalist 2018 README, the Clothing1M paper an
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import math
@@ -22,7 +23,8 @@ from typer.testing import CliRunner
 from rwray import cli
 from rwray.data import SOURCES, BuilderParams, prepare, verify
 from rwray.data.imagesources import FILE_SOURCES
-from rwray.data.synth import SYNTHS, long_tail_counts, synthesize, train_profile
+from rwray.data import synth as synth_pkg
+from rwray.data.synth import SYNTHS, Args, long_tail_counts, synthesize, train_profile
 from rwray.data.synth.images import mean_colour
 from rwray.data.synth.profile import spread, tail_exponent
 from rwray.errors import ConfigError, DataError
@@ -264,6 +266,23 @@ def test_a_seed_gives_the_same_bytes_and_another_seed_others(tmp_path):
     assert _tree(tmp_path / "a") == _tree(tmp_path / "b") and a.train_counts == b.train_counts
     assert _tree(tmp_path / "a") != _tree(tmp_path / "c")
     assert c.splits == a.splits  # the sizes do not depend on the seed
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_every_plan_is_a_function_of_the_seed(name):
+    small = {n: f / 2 for n, f in SCALES.items()}[name]
+    a, b = (SYNTHS[name].plan(Args(scale=small, size=8, seed=0)) for _ in range(2))
+    c = SYNTHS[name].plan(Args(scale=small, size=8, seed=1))
+    assert a.texts == b.texts and a.files == b.files and np.array_equal(a.label_array(), b.label_array())
+    assert a.texts != c.texts and a.splits == c.splits
+
+
+def test_the_package_stays_on_the_data_side():
+    for path in Path(synth_pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(m.startswith(("rwray.train", "rwray.tracking", "torch", "ray")) for m in mods), path
 
 
 @pytest.mark.parametrize("name", ["inat2018", "imagenet_lt"])
