@@ -27,7 +27,6 @@ class Args:
 @dataclass
 class Plan:
     files: list[str] = field(default_factory=list)  # [N] image paths relative to the output folder
-    labels: list[np.ndarray] = field(default_factory=list)  # parts of [N] int64: each image's signature class
     texts: dict[str, str] = field(default_factory=dict)  # relative path -> contents (lists, JSON, CSV)
     dirs: list[str] = field(default_factory=list)  # relative folders that must exist even when empty
     source: dict = field(default_factory=dict)  # the data.source block; paths relative to the output folder
@@ -35,15 +34,16 @@ class Plan:
     train_counts: list[int] = field(default_factory=list)  # [K] train images per label, as the reader labels them
     num_classes: int = 0
     notes: list[str] = field(default_factory=list)
+    _labels: list[np.ndarray] = field(default_factory=list)  # parts of [N] int64: each image's signature class
     _sizes: list[np.ndarray] = field(default_factory=list)  # parts of [N, 2] (width, height)
 
     def add(self, files: list[str], labels: np.ndarray, sizes: np.ndarray) -> None:
         self.files += files
-        self.labels.append(np.asarray(labels, dtype=np.int64))
+        self._labels.append(np.asarray(labels, dtype=np.int64))
         self._sizes.append(np.asarray(sizes, dtype=np.int64).reshape(-1, 2))
 
     def label_array(self) -> np.ndarray:
-        return np.concatenate(self.labels) if self.labels else np.zeros(0, dtype=np.int64)
+        return np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=np.int64)
 
     def size_array(self) -> np.ndarray:
         return np.concatenate(self._sizes) if self._sizes else np.zeros((0, 2), dtype=np.int64)
