@@ -1,7 +1,7 @@
 """Regenerate docs/reliability.md (and docs/reliability/*.json): run the fault, bad-input and security tests with
 their recorder pointed at the committed store, then render the report.
 
-    .venv/bin/python bench/reliability_report.py            # all three modules (real Ray runs: ~10 minutes)
+    .venv/bin/python bench/reliability_report.py            # all four modules (real Ray runs: ~10 minutes)
     .venv/bin/python bench/reliability_report.py -k store   # extra pytest arguments pass through
 
 A plain `pytest` run records into a temporary folder instead, so running the tests never changes tracked files.
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["tests/test_faults.py", "tests/test_bad_input_table.py", "tests/test_security.py"]
+MODULES = ["tests/test_faults.py", "tests/test_oom.py", "tests/test_bad_input_table.py", "tests/test_security.py"]
 
 
 def main(args: list[str]) -> int:

@@ -105,7 +105,8 @@ def test_ray_260_report_parsed():
     assert oom_report.process_kind(k, None) == "train worker" and k.also == []
     # Ray 2.56+ may kill several at once, in no useful order: the one that used the most is the report's
     sync = ("Selected to kill: (Actor(b137206d35ad5918f00cbced01000000): job ID=01000000, lease ID=0400, task name="
-            "SynchronizationActor.__init__, required resources={}, pid=22491, actual memory used=0.11GB, worker ID=1e)\n")
+            "SynchronizationActor.__init__, required resources={}, pid=22491, actual memory used=0.11GB, "
+            "worker ID=1e)\n")
     two = oom.parse(RAY_260.replace("Considered workers: [\n", "Considered workers: [\n" + sync))
     assert (two.pid, two.name, two.also) == (14460, "RayTrainWorker.__init__",
                                              [(22491, "SynchronizationActor.__init__", int(0.11 * GIB))])
@@ -178,6 +179,21 @@ def test_stage_from_the_rank_status_record(tmp_path):
     assert oom_report.stage_of("decoding actor", 0, rec, 3, 29) == ("while train worker rank 0 was in epoch 2 of 3, "
                                                                    "after training step 3 of 29")
     assert oom_report.steps_per_epoch(460, 1, 16, False) == 29 and oom_report.steps_per_epoch(460, 2, 16, True) == 14
+
+
+def test_a_decoding_actor_is_named_with_its_train_worker(tmp_path):
+    """A decoding actor's kill reaches its train worker's ray.get; the report names the actor, and where that worker
+    was from the worker's own record."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    text = RAY_260.replace("RayTrainWorker.__init__", "_Decoder.__init__").replace("ray::RayTrainWorker",
+                                                                                  "ray::_Decoder.read")
+    (tmp_path / "rank1.json").write_text('{"pid": 999, "rank": 1, "start_epoch": 0, "epoch": 0, "step": 6}')
+    report = oom_report.partial(*oom.find(WorkerGroupError("x", {1: ray_oom(text)})), "", str(tmp_path), epochs=2)
+    assert report.details["kind"] == "decoding actor"
+    assert str(report).splitlines()[0] == ("out of memory: a decoding actor of train worker rank 1 (pid 14460, node "
+                                           "192.0.2.2) was killed while train worker rank 1 was in epoch 1 of 2, "
+                                           "after training step 7.")
 
 
 def test_fixes_name_the_config_fields(tmp_path):
@@ -308,11 +324,13 @@ def test_real_oom_kill_is_reported(tmp_path, digits_dir):
         assert [a.path for a in c.list_artifacts(r.info.run_id, "checkpoints/best")] == ["checkpoints/best/state.pt"]
         log = next((tmp_path / "runs" / "logs").glob("oom-*.log")).read_text()
         assert "were killed due to the node running low on memory" in log  # Ray's own words: in the log file
-        happened = (f"rank 0 killed twice (epoch 2, after step 3 of 29), first retried with one line; the second "
-                    f"kill, before another checkpoint, stopped the run: exit code 1, no traceback, OutOfMemory naming "
-                    f"the rank, the stage, {figures[1]} GiB used with the node over the {figures[5]}% threshold, "
-                    f"data.batch_size and scaling.memory_per_worker_gb; MLflow run FAILED with epoch 1's metrics and "
-                    f"best checkpoint; Ray's report in the log file ({wall:.0f} s)")
+        happened = ("rank 0 killed twice (epoch 2, after step 3 of 29); the first kill retried with one terminal "
+                    "line, the second, before another checkpoint, stopped the run: exit code 1, no traceback, "
+                    "OutOfMemory naming the rank and its node, the stage, the process's and the node's memory against "
+                    "the threshold, data.batch_size and scaling.memory_per_worker_gb; MLflow run FAILED with epoch "
+                    "1's metrics and best checkpoint; Ray's own report in the log file")
+        print(f"wall {wall:.0f} s; the process used {figures[1]} GiB; node at {figures[2]} GiB, threshold "
+              f"{figures[5]}%")
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
         RECORD.add("oom-kill", "Ray's memory monitor kills training worker rank 0 in epoch 2 (threshold set 4 GiB "
