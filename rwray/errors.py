@@ -141,18 +141,19 @@ class OutOfMemory(RwrayError, MemoryError):
     exit_code = 1
 
     def __init__(self, process: str, memory: str, stage: str = "", fix: str = "", retries: str = "", note: str = "",
-                 details: dict | None = None):
+                 details: dict | None = None, event: str = "was killed"):
         self.process, self.memory, self.stage, self.fix, self.retries, self.note = (process, memory, stage, fix,
                                                                                     retries, note)
-        self.details = dict(details or {})
-        lines = [f"out of memory: {process} was killed{f' {stage}' if stage else ''}.", f"  memory: {memory}"]
+        self.details, self.event = dict(details or {}), event  # event: "was killed", or a MemoryError's "ran out"
+        lines = [f"out of memory: {process} {event}{f' {stage}' if stage else ''}.", f"  memory: {memory}"]
         lines += [f"  retries: {retries}"] if retries else []
         lines += [f"  fix: {fix}"] if fix else []
         lines += [f"  {note}"] if note else []
         super().__init__("\n".join(lines))
 
     def __reduce__(self):
-        return type(self), (self.process, self.memory, self.stage, self.fix, self.retries, self.note, self.details)
+        return type(self), (self.process, self.memory, self.stage, self.fix, self.retries, self.note, self.details,
+                            self.event)
 
 
 class Interrupted(KeyboardInterrupt):

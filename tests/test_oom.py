@@ -148,6 +148,8 @@ def test_out_of_memory_crosses_processes_whole():
                     "not retried (train.max_failures=0)", "The MLflow run closes as FAILED.", {"rank": 0, "pid": 7})
     back = pickle.loads(pickle.dumps(e))
     assert str(back) == str(e) and back.details == {"rank": 0, "pid": 7} and back.exit_code == 1
+    assert str(pickle.loads(pickle.dumps(OutOfMemory("the driver", "-", event="ran out of memory")))).startswith(
+        "out of memory: the driver ran out of memory.")
     assert str(e).splitlines() == ["out of memory: train worker rank 0 (pid 7) was killed in epoch 2 of 3.",
                                    "  memory: it used 2 GiB", "  retries: not retried (train.max_failures=0)",
                                    "  fix: lower data.batch_size", "  The MLflow run closes as FAILED."]
@@ -247,11 +249,45 @@ def test_controller_retries_an_oom_kill_and_stops_when_it_recurs(tmp_path, capsy
         used_up.after_exception(None, {0: dead_worker()})
     assert last.value.retries == "Ray Train's restarts are used up (train.max_failures=1)"
     assert capsys.readouterr().err == ""
+    # a Python MemoryError in a worker (an allocation refused): the same rule, told as what it was
+    stop_on_fatal_errors(2).after_exception(None, {1: MemoryError()})
+    assert capsys.readouterr().err.splitlines() == [
+        "out of memory: train worker rank 1 ran out of memory (a Python MemoryError); restarting the workers from "
+        "the last checkpoint (retry 1 of train.max_failures=2)"]
     RECORD.add("oom-retry-rule", "Ray's memory-monitor kill of a worker, seen by the Ray Train controller callback "
                "(train.max_failures=3)", "retried from the last checkpoint with one terminal line; a kill before the "
                "next checkpoint stops the run; max_failures 0 or used up stops it",
                "retry lines 1 and 2 (a checkpoint in between); the third kill, with no checkpoint since, stopped the "
                "run; max_failures=0 and used-up retries stopped at once", True, "memory")
+
+
+def test_the_driver_completes_the_controllers_report(tmp_path):
+    """What `rwray train` prints: the controller's part (process, figures, retries) with the stage in steps of the
+    epoch and the config fields, from the job's config and the rank's record."""
+    from ray.train.v2.api.exceptions import ControllerError
+
+    (tmp_path / "rank0.json").write_text('{"pid": 14460, "rank": 0, "start_epoch": 0, "epoch": 1, "step": 2}')
+    stopped = oom_report.partial(0, dead_worker(), oom_report.retries_text(1, 3, True), str(tmp_path), 3)
+    cfg = job(tmp_path, tmp_path, train={"epochs": 3, "max_failures": 3}, scaling={"num_workers": 1})
+    report = oom_report.explain(ControllerError(stopped), cfg, str(tmp_path), 460, "The MLflow run closes as FAILED.")
+    assert str(report).splitlines() == [
+        "out of memory: train worker rank 0 (pid 14460, node 192.0.2.2) was killed in epoch 2 of 3, after training "
+        "step 3 of 29.",
+        "  memory: the process used 1.9 GiB; node 192.0.2.2 had 7.3 of 23.5 GiB in use (31%), over Ray's kill "
+        "threshold of 31% (RAY_memory_usage_threshold, read when Ray starts); other processes held 5.4 GiB of it "
+        "(largest: pid 8175 python -m pytest tests/test_train_e2e.py... 0.7 GiB, pid 12262 /work/main/.venv/bin/"
+        "python3 /work/main/... 0.6 GiB)",
+        "  retries: Ray Train restarted the workers 1 time from the last checkpoint and they ran out of memory again "
+        "before reaching another one: further restarts (train.max_failures=3) would only repeat it",
+        "  fix: lower data.batch_size (now 16; data.batch_size=8 with train.grad_accum=2 keeps the effective batch) "
+        "or use a smaller model; run fewer workers per node: scaling.memory_per_worker_gb=3 makes Ray place a "
+        "worker only where that much memory is free; or use nodes with more memory (this one has 24 GiB)",
+        "  The MLflow run closes as FAILED."]
+    assert oom_report.explain(ControllerError(RuntimeError("no memory story")), cfg, None, 460) is None
+    driver = oom_report.explain(MemoryError(), cfg, None, 460)  # raised in the driver itself
+    assert str(driver).splitlines()[:2] == ["out of memory: the driver (this process) ran out of memory.",
+                                            "  memory: a Python MemoryError (an allocation failed); Ray reported no "
+                                            "figures"]
 
 
 def test_fault_injector_spec():

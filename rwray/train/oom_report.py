@@ -22,6 +22,8 @@ from typing import Any
 from rwray.errors import OutOfMemory
 from rwray.train.oom import GIB, Kill, find, kill_of
 
+EVENT = "was killed"  # by Ray's memory monitor; a Python MemoryError "ran out of memory"
+
 
 # ------------------------------------------------------------------------------------------------ describing it
 
@@ -235,15 +237,17 @@ def partial(rank: int | None, err: BaseException, retries: str, status_dir: str 
                "status": rec}
     process = "the driver (this process)" if kind == "the driver" else describe_process(kind, rank, kill)
     return OutOfMemory(process, describe_memory(kill), stage_of(kind, rank, rec, epochs, None) if epochs else "", "",
-                       retries, details=details)
+                       retries, details=details, event=EVENT if kill is not None else "ran out of memory")
 
 
 def retry_line(oom: OutOfMemory, attempt: int, max_failures: int) -> str:
     """The one terminal line for an out-of-memory kill that Ray Train retries."""
     kill = Kill.from_dict(oom.details["kill"]) if oom.details.get("kill") else None
     at = f" {oom.stage}" if oom.stage else ""
-    return (f"out of memory: {oom.process} was killed by Ray's memory monitor{at} ({brief_memory(kill)}); "
-            f"restarting the workers from the last checkpoint (retry {attempt} of train.max_failures={max_failures})")
+    event = "was killed by Ray's memory monitor" if kill is not None else "ran out of memory (a Python MemoryError)"
+    figures = f" ({brief_memory(kill)})" if kill is not None else ""
+    return (f"out of memory: {oom.process} {event}{at}{figures}; restarting the workers from the last checkpoint "
+            f"(retry {attempt} of train.max_failures={max_failures})")
 
 
 def explain(err: BaseException, cfg: Any, status_dir: str | None, train_rows: int | None, note: str = ""
@@ -260,4 +264,5 @@ def explain(err: BaseException, cfg: Any, status_dir: str | None, train_rows: in
     steps = (steps_per_epoch(train_rows, cfg.scaling.num_workers, cfg.data.batch_size, cfg.data.drop_last)
              if train_rows and cfg.train.trainable != "none" else None)
     stage = stage_of(d["kind"], d["rank"], d.get("status"), cfg.train.epochs, steps)
-    return OutOfMemory(base.process, base.memory, stage, fixes(d["kind"], stage, kill, cfg), retries, note, d)
+    return OutOfMemory(base.process, base.memory, stage, fixes(d["kind"], stage, kill, cfg), retries, note, d,
+                       base.event)
