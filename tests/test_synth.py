@@ -103,6 +103,11 @@ def test_scaling_keeps_every_class_and_the_scaled_ends():
     assert c.sum() == 11_585 and c[0] == 128 and c[-1] == 1 and c.min() >= 1
     tiny = train_profile(8142, 437_513, 1000, 2, scale=0.001)  # 438 images for 8,142 classes: one each
     assert tiny.sum() == 8142 and set(tiny.tolist()) == {1}
+    # fewer images than classes: each class scaled on its own (at least one), the head keeps its shape
+    small = train_profile(8142, 437_513, 1000, 2, scale=0.01)
+    published = long_tail_counts(8142, 437_513, 1000, 2)
+    assert small.tolist() == [max(1, math.floor(n / 100 + 0.5)) for n in published.tolist()]
+    assert small[0] == 10 and small[-1] == 1 and (small >= 2).sum() > 500  # classes iNat's reader can carve val from
 
 
 def test_reclassing_keeps_the_total_and_the_ratio():

@@ -94,12 +94,19 @@ def train_profile(k_published: int, total: int, n_max: int, n_min: int, scale: f
     """[K] sorted train counts (head first) of a published long tail at ``scale`` over ``classes`` classes.
 
     scale: total, max and min are multiplied by it; every class keeps at least one image (so the total is at least
-    K), and max shrinks if the total cannot hold it. classes: K' classes share the same total; the published ratio
+    K), and max shrinks if the total cannot hold it; when the scaled total is below K, each class's own count is
+    scaled instead (at least one), so the head keeps its shape. classes: K' classes share the same total; the published ratio
     n_max / n_min and the tail exponent p are kept, the minimum chosen so the profile sums to the total (clamped to
     1 and the ratio narrowed where it does not fit)."""
     k = classes or k_published
     ratio = n_max / n_min
     p = tail_exponent(k_published, total, n_max, n_min)
+    if (classes is None or classes == k_published) and scaled(total, scale) < k:
+        # Fewer images than classes: an exact total would be one image per class, no tail left (and nothing for a
+        # reader that carves val from train, like iNaturalist's). Each class's count is scaled on its own instead,
+        # at least one: the head keeps its shape and the total exceeds the scaled figure.
+        published = long_tail_counts(k, total, n_max, n_min, p)
+        return np.maximum(1, np.floor(published * scale + 0.5)).astype(np.int64)
     t = scaled(total, scale, floor=k)
     if classes is None or classes == k_published:
         lo = max(1, int(math.floor(n_min * scale + 0.5)))
