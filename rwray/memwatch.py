@@ -35,15 +35,15 @@ SYSTEM = ("/raylet", "/gcs_server", "log_monitor.py", "dashboard.py", "autoscale
 
 def kind_of(title: str) -> str | None:
     """The kind of process a title names, or None while it names none yet (a Ray worker that has not taken a task:
-    ``ray::IDLE``, or still starting)."""
-    if title.startswith("ray::IDLE") or "default_worker.py" in title:
-        return None
+    ``ray::IDLE``, or one still starting)."""
     for prefix, kind in KINDS:
         if title.startswith(prefix):
-            return kind
-    program = title.split(" ", 3)[:3]  # the interpreter, maybe a flag, and the script
+            return None if title.startswith("ray::IDLE") else kind
+    program = title.split(" ", 3)[:3]  # the program, or the interpreter, maybe a flag, and the script
     if any(s in word for word in program for s in SYSTEM):
         return "Ray system process"
+    if any(word.endswith(("default_worker.py", "setup_worker.py")) for word in program):
+        return None
     return "other process"
 
 
