@@ -160,7 +160,7 @@ def test_out_of_memory_crosses_processes_whole():
 
 def test_stage_from_the_rank_status_record(tmp_path):
     write = status_writer(str(tmp_path), 0, 0)
-    assert oom_report.read_status(tmp_path) == {}  # a writer that has not written yet: no record, no stage
+    assert oom_report.read_status(tmp_path) == {0: {}}  # a worker that has not written yet: no record of where
     write(1, 2)
     pid = os.getpid()
     rank, rec = oom_report.status_of(oom_report.read_status(tmp_path), "train worker", pid, None)
@@ -175,8 +175,11 @@ def test_stage_from_the_rank_status_record(tmp_path):
     assert stage({**rec, "epoch": 3, "stage": "final artifacts"}, 3, 29) == ("after the last epoch, writing the "
                                                                               "final artifacts")
     # a record of rank 0 from another process: the killed worker never wrote one, it died starting
-    assert oom_report.status_of({0: rec}, "train worker", pid + 1, 0) == (0, None)
-    assert stage(None, 3, 29).startswith("before its first training step (starting")
+    assert oom_report.status_of({0: rec}, "train worker", pid + 1, 0) == (0, {})
+    assert stage({}, 3, 29).startswith("before its first training step (starting")
+    # no record of its rank to be seen (another node's folder): where it was is not claimed
+    assert oom_report.status_of({}, "train worker", pid, 1) == (1, None) and stage(None, 3, 29) == ""
+    assert oom_report.stage_of("decoding actor", 0, {}, 3, 29) == "while train worker rank 0 was starting"
     # a decoding actor is placed by its train worker's record
     assert oom_report.stage_of("decoding actor", 0, rec, 3, 29) == ("while train worker rank 0 was in epoch 2 of 3, "
                                                                    "after training step 3 of 29")
@@ -208,6 +211,10 @@ def test_fixes_name_the_config_fields(tmp_path):
                      "one has 24 GiB)")
     assert oom_report.fixes("train worker", "in epoch 2 of 3, evaluating split val", k, cfg).startswith(
         "lower data.eval_batch_size (now 1024, e.g. 512); run fewer")
+    # another program on the node held more than the killed worker: say so first
+    shared = oom.parse(RAY_260.replace("8175\t0.66\tpython -m pytest", "8175\t2.66\tpython -m pytest"))
+    assert oom_report.fixes("train worker", "in epoch 2 of 3, evaluating split val", shared, cfg).startswith(
+        f"{oom_report.SHARED}; lower data.eval_batch_size (now 1024, e.g. 512); run fewer workers per node")
     assert "data.stream=stream" in oom_report.fixes("train worker", "before its first training step (starting: x)",
                                                     k, cfg)
     assert oom_report.fixes("decoding actor", "", oom.parse(RAY_OLD), cfg).startswith(
@@ -307,15 +314,17 @@ def meminfo() -> dict[str, int]:
 
 @pytest.mark.timeout(600)
 def test_real_oom_kill_is_reported(tmp_path, digits_dir):
-    """`rwray train` on its own local Ray whose memory monitor kills above (the machine's use now + 4 GiB); rank 0
+    """`rwray train` on its own local Ray whose memory monitor kills above (the machine's use now + 6 GiB); rank 0
     allocates past that after step 3 of epoch 2 every time it gets there. Expected: one retry line, then the report
     (the second kill came before another checkpoint), exit code 1, no traceback, the MLflow run FAILED with epoch 1's
     metrics."""
     mem = meminfo()
     total, used = mem["MemTotal"], mem["MemTotal"] - mem["MemAvailable"]
-    if total - used < 7 * GIB:
-        pytest.skip(f"needs 7 GiB free for a safe kill threshold; {(total - used) / GIB:.1f} GiB free")
-    threshold = (used + 4 * GIB) / total  # the run itself takes ~2 GiB (Ray, driver, controller, one worker)
+    if total - used < 10 * GIB:
+        pytest.skip(f"needs 10 GiB free for a safe kill threshold; {(total - used) / GIB:.1f} GiB free")
+    # The run itself takes ~2 GiB (Ray, driver, controller, one worker); the rest of the margin absorbs what other
+    # processes on the machine take meanwhile (else the monitor kills whichever Ray process is newest, too early).
+    threshold = (used + 6 * GIB) / total
     cfg = job(tmp_path, digits_dir, train={"epochs": 3, "max_failures": 3}, scaling={"num_workers": 1},
               tracking={"experiment": "oom", "run_name": "oom"})
     path = tmp_path / "job.yaml"
@@ -323,7 +332,7 @@ def test_real_oom_kill_is_reported(tmp_path, digits_dir):
     ray_tmp = tempfile.mkdtemp(prefix="rwoom")  # its own Ray session folder (unix socket paths must stay short)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RWRAY_WORKER_STATUS_DIR")}
     env.update(RAY_memory_usage_threshold=f"{threshold:.4f}", RAY_memory_monitor_refresh_ms="100", RAY_TMPDIR=ray_tmp,
-               RWRAY_FAULT_MEMORY="rank=0,epoch=1,step=2,gib=8,hold_s=60")
+               RWRAY_FAULT_MEMORY="rank=0,epoch=1,step=2,gib=10,hold_s=60")
     happened = ""
     try:
         t0 = time.monotonic()
@@ -350,7 +359,7 @@ def test_real_oom_kill_is_reported(tmp_path, digits_dir):
         assert float(figures[1]) >= 0.5  # the injector's chunks: at least two 256 MiB pieces were taken
         assert ("retries: Ray Train restarted the workers 1 time from the last checkpoint and they ran out of memory "
                 "again before reaching another one") in report
-        assert "fix: lower data.batch_size (now 16; data.batch_size=8 with train.grad_accum=2" in report
+        assert "lower data.batch_size (now 16; data.batch_size=8 with train.grad_accum=2" in report
         assert "scaling.memory_per_worker_gb=" in report
         c = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
         (r,) = c.search_runs([c.get_experiment_by_name("oom").experiment_id])
@@ -369,7 +378,7 @@ def test_real_oom_kill_is_reported(tmp_path, digits_dir):
               f"{figures[5]}%")
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-        RECORD.add("oom-kill", "Ray's memory monitor kills training worker rank 0 in epoch 2 (threshold set 4 GiB "
+        RECORD.add("oom-kill", "Ray's memory monitor kills training worker rank 0 in epoch 2 (threshold set 6 GiB "
                    "above the machine's use; RWRAY_FAULT_MEMORY allocates past it; train.max_failures=3)",
                    "one retry line, then a report naming the process, stage, memory figures and config fields; exit "
                    "code 1, no traceback; MLflow run FAILED, earlier epochs kept",

@@ -73,8 +73,8 @@ def describe_memory(kill: Kill | None) -> str:
                 f"Ray starts)" if kill.threshold is not None else "")
         parts.append(f"{node} had {kill.node_used / GIB:.1f} of {kill.node_total / GIB:.1f} GiB in use "
                      f"({100 * kill.node_used / kill.node_total:.0f}%){over}")
-    if (others := others_gib(kill)) is not None and others > 0.5 * kill.node_used / GIB:
-        parts.append(f"other processes held {others:.1f} GiB of it (largest: {largest_other(kill)})")
+    if crowded(kill):
+        parts.append(f"other processes held {others_gib(kill):.1f} GiB of it (largest: {largest_other(kill)})")
     if kill.also:
         parts.append("Ray also killed " + ", ".join(
             f"{name.split('.')[0] or 'a process'} (pid {pid}{f', {used / GIB:.1f} GiB' if used is not None else ''})"
@@ -93,6 +93,22 @@ def brief_memory(kill: Kill | None) -> str:
     return "; ".join(parts)
 
 
+SHARED = ("programs other than Ray and rwray held more of the node's memory than this process: if another job "
+          "shares the node, run where it does not (a retry may then succeed)")
+
+
+def crowded(kill: Kill) -> bool:
+    """The killed process held under a third of what its node used: others, maybe another job, took the rest."""
+    others = others_gib(kill)
+    return others is not None and bool(kill.node_used) and others > (2 / 3) * kill.node_used / GIB
+
+
+def foreign_gib(kill: Kill) -> float:
+    """What the node's largest processes that are neither Ray's nor rwray's held, GiB: another program's memory."""
+    return sum(gib for pid, gib, cmd in kill.top if pid != kill.pid and not cmd.startswith("ray::")
+               and "rwray" not in cmd and "/ray/" not in cmd)
+
+
 def others_gib(kill: Kill) -> float | None:
     """What the node used beyond the killed process, GiB."""
     if kill.node_used is None or kill.used is None:
@@ -109,40 +125,48 @@ def largest_other(kill: Kill) -> str:
 # ---------------------------------------------------------------------------------------------------- the stage
 
 
+STARTING = "before its first training step (starting: building the model, restoring a checkpoint, reading data)"
+
+
 def read_status(folder: str | Path | None) -> dict[int, dict[str, Any]]:
-    """rank -> the last status record each rank wrote (`rwray.train.progress.status_writer`)."""
+    """rank -> the last status record each rank wrote (`rwray.train.progress.status_writer`); {} for a rank whose
+    worker opened its file and has not written yet (or whose record cannot be read)."""
     out: dict[int, dict[str, Any]] = {}
     if not folder:
         return out
     for path in Path(folder).glob("rank*.json"):
+        if not path.stem[4:].isdigit():
+            continue
         try:
             rec = json.loads(path.read_text())
         except (OSError, ValueError):
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("rank"), int):
-            out[rec["rank"]] = rec
+            rec = {}
+        out[int(path.stem[4:])] = rec if isinstance(rec, dict) else {}
     return out
 
 
 def status_of(records: dict[int, dict[str, Any]], kind: str, pid: int | None, rank: int | None
               ) -> tuple[int | None, dict[str, Any] | None]:
-    """(rank, the status record that says where the killed process was). A train worker's is the record it wrote
-    itself (same pid): a record of its rank from another pid belongs to an earlier process of that rank, so a worker
-    killed before its first write has none. Any other process (a decoding actor) is placed by its train worker's."""
-    if kind == "train worker":
+    """(rank, the status record that says where the killed process was; {}: it had not written one; None: no
+    record can be seen, as on another node). A train worker's is the record with its pid: one of its rank from
+    another pid belongs to an earlier process of that rank, so this one was killed starting. Any other process
+    (a decoding actor) is placed by its train worker's record."""
+    if kind == "train worker" and pid is not None:
         for r, rec in records.items():
-            if pid is not None and rec.get("pid") == pid:
+            if rec.get("pid") == pid:
                 return r, rec
-        return rank, None
+        return rank, {} if rank in records else None
     return rank, records.get(rank) if rank is not None else None
 
 
 def describe_stage(rec: dict[str, Any] | None, epochs: int, steps: int | None) -> str:
     """Where a train worker was, from its status record (epochs and steps 1-based, as the terminal's epoch lines
-    count them). ``steps``: training steps per epoch, when known."""
+    count them; "" when unknown). ``steps``: training steps per epoch, when known."""
     if rec is None:
-        return "before its first training step (starting: building the model, restoring a checkpoint, reading data)"
-    epoch, step, stage = int(rec.get("epoch", 0)), int(rec.get("step", -1)), str(rec.get("stage") or "train")
+        return ""
+    if "epoch" not in rec:
+        return STARTING
+    epoch, step, stage = int(rec["epoch"]), int(rec.get("step", -1)), str(rec.get("stage") or "train")
     at = f"in epoch {epoch + 1} of {epochs}"
     if stage.startswith("evaluate"):
         split = stage.split(" ", 1)[1] if " " in stage else ""
@@ -164,7 +188,8 @@ def stage_of(kind: str, rank: int | None, rec: dict[str, Any] | None, epochs: in
     if kind == "train worker":
         return describe_stage(rec, epochs, steps)
     if rec is not None:  # a helper of a train worker: where that worker was
-        return f"while train worker rank {rank} was {describe_stage(rec, epochs, steps)}"
+        where = describe_stage(rec, epochs, steps)
+        return f"while train worker rank {rank} was {'starting' if where == STARTING else where}"
     return ""
 
 
@@ -181,6 +206,8 @@ def fixes(kind: str, stage: str, kill: Kill | None, cfg: Any) -> str:
     """The config fields to change, with their current values, for what was killed where."""
     d, s, t = cfg.data, cfg.scaling, cfg.train
     out: list[str] = []
+    if kill is not None and kill.used is not None and foreign_gib(kill) > kill.used / GIB:
+        out.append(SHARED)
     if kind == "train worker" and not stage.startswith("after the last epoch"):
         evaluating = "evaluating" in stage or "last training step" in stage
         training = "training step" in stage and not evaluating
