@@ -322,6 +322,7 @@ def table_rows(metrics: dict[str, float], split: str, classes: list[str], confus
     CLASS_METRICS_MAX classes), or else the WORST_SHOWN worst classes of the split with their support (the whole
     table is a file: `class_table`)."""
     from rwray.metrics import SUMMARY_KEYS, WORST_CLASS
+    from rwray.text import plural
 
     rows: list[tuple[str, str]] = []
     for key in (*SUMMARY_KEYS, "macro_f1", WORST_CLASS, "bias/cell_mean_acc", "bias/worst_cell_acc"):
@@ -339,5 +340,5 @@ def table_rows(metrics: dict[str, float], split: str, classes: list[str], confus
     present = [c for c in range(len(classes)) if support[c] > 0]
     worst = sorted(present, key=lambda c: (acc[c], -support[c], c))[:WORST_SHOWN]
     rows.append((f"{len(present)} of {len(classes)} classes in the split; the worst {len(worst)}:", ""))
-    rows += [(f"class {c} ({classes[c]}), {support[c]} images", f"{100 * acc[c]:.2f}") for c in worst]
+    rows += [(f"class {c} ({classes[c]}), {plural(support[c], 'image')}", f"{100 * acc[c]:.2f}") for c in worst]
     return rows
