@@ -291,10 +291,12 @@ def test_the_driver_completes_the_controllers_report(tmp_path):
         "worker only where that much memory is free; or use nodes with more memory (this one has 24 GiB)",
         "  The MLflow run closes as FAILED."]
     assert oom_report.explain(ControllerError(RuntimeError("no memory story")), cfg, None, 460) is None
-    driver = oom_report.explain(MemoryError(), cfg, None, 460)  # raised in the driver itself
-    assert str(driver).splitlines()[:2] == ["out of memory: the driver (this process) ran out of memory.",
-                                            "  memory: a Python MemoryError (an allocation failed); Ray reported no "
-                                            "figures"]
+    logged = oom_report.explain(ControllerError(stopped), cfg, str(tmp_path), 460, "Closed.", "/x/run.log")
+    assert str(logged).splitlines()[-1] == "  Closed. Ray's own report is in /x/run.log."
+    driver = oom_report.explain(MemoryError(), cfg, None, 460, "Closed.", "/x/run.log")  # in the driver itself
+    assert str(driver).splitlines() == ["out of memory: the driver (this process) ran out of memory.",
+                                        "  memory: a Python MemoryError (an allocation failed); Ray reported no "
+                                        "figures", "  fix: use nodes with more memory", "  Closed."]
 
 
 def test_fault_injector_spec():
@@ -361,6 +363,7 @@ def test_real_oom_kill_is_reported(tmp_path, digits_dir):
                 "again before reaching another one") in report
         assert "lower data.batch_size (now 16; data.batch_size=8 with train.grad_accum=2" in report
         assert "scaling.memory_per_worker_gb=" in report
+        assert "closes as FAILED and keeps the metrics and checkpoints logged so far. Ray's own report is in " in report
         c = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
         (r,) = c.search_runs([c.get_experiment_by_name("oom").experiment_id])
         assert r.info.status == "FAILED"

@@ -136,7 +136,8 @@ def run(cfg: Config, parent_run_id: str | None = None, callbacks: Sequence[Any] 
             elif stopped_from_outside(error):
                 error = Interrupted(f"the Ray Train controller was stopped from outside ({str(error)[:200]})")
             elif (report := oom_report.explain(e, cfg, status_dir, manifest.num_samples("train"),
-                                               oom_note(run_id, logs))) is not None:
+                                               f"The MLflow run {run_id[:8]} closes as FAILED and keeps the metrics "
+                                               f"and checkpoints logged so far.", logs)) is not None:
                 if output.captured() and report.details.get("ray_text"):  # Ray's own words, for the log file only
                     logging.getLogger("rwray.oom").warning("Ray's report of the out-of-memory kill:\n%s",
                                                            report.details["ray_text"])
@@ -152,11 +153,6 @@ def _imports_and_store(uri: str) -> None:
     with contextlib.suppress(Exception):
         import ray.train.torch  # noqa: F401
     tracking.open_store(uri)
-
-
-def oom_note(run_id: str, logs: Path | None) -> str:
-    return (f"The MLflow run {run_id[:8]} closes as FAILED and keeps the metrics and checkpoints logged so far"
-            + (f"; Ray's own report is in {logs}" if logs is not None else "") + ".")
 
 
 def status_path(cfg: Config, ray_name: str) -> Path:

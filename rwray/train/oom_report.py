@@ -277,9 +277,10 @@ def retry_line(oom: OutOfMemory, attempt: int, max_failures: int) -> str:
             f"(retry {attempt} of train.max_failures={max_failures})")
 
 
-def explain(err: BaseException, cfg: Any, status_dir: str | None, train_rows: int | None, note: str = ""
-            ) -> OutOfMemory | None:
-    """The driver's full report of an out-of-memory error anywhere inside ``err``, or None when there is none."""
+def explain(err: BaseException, cfg: Any, status_dir: str | None, train_rows: int | None, note: str = "",
+            log_file: str | Path | None = None) -> OutOfMemory | None:
+    """The driver's full report of an out-of-memory error anywhere inside ``err``, or None when there is none.
+    ``log_file``: where the driver files Ray's own report (named when there is one)."""
     hit = find(err)
     if hit is None:
         return None
@@ -291,5 +292,7 @@ def explain(err: BaseException, cfg: Any, status_dir: str | None, train_rows: in
     steps = (steps_per_epoch(train_rows, cfg.scaling.num_workers, cfg.data.batch_size, cfg.data.drop_last)
              if train_rows and cfg.train.trainable != "none" else None)
     stage = stage_of(d["kind"], d["rank"], d.get("status"), cfg.train.epochs, steps)
+    if log_file is not None and d.get("ray_text"):
+        note = f"{note} Ray's own report is in {log_file}.".strip()
     return OutOfMemory(base.process, base.memory, stage, fixes(d["kind"], stage, kill, cfg), retries, note, d,
                        base.event)
