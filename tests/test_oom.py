@@ -314,6 +314,7 @@ def meminfo() -> dict[str, int]:
     return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()}
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_real_oom_kill_is_reported(tmp_path, digits_dir):
     """`rwray train` on its own local Ray whose memory monitor kills above (the machine's use now + 6 GiB); rank 0
