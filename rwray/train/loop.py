@@ -65,9 +65,10 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     interval = w.cfg.tracking.system_metrics_s if ctx.get_local_rank() == 0 else 0  # one monitor a node
     with node_metrics(job["tracking_uri"], job["run_id"], ctx.get_node_rank(), interval):
         for epoch in range(w.start_epoch, w.cfg.train.epochs):
-            metrics, improved, classes = (evaluate_only(w, data, epoch) if w.cfg.train.trainable == "none"
+            metrics, improved, classes = (evaluate_only(w, data, epoch, status) if w.cfg.train.trainable == "none"
                                           else run_epoch(w, data, epoch, status, trace))
             report_epoch(w, epoch, metrics, improved, log, classes)
+    status(w.cfg.train.epochs, -1, "final artifacts")
     if log is not None:
         log_final_artifacts(log, w)
         log.close(w.cfg.tracking.flush_timeout_s)
@@ -76,7 +77,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------------- one epoch
 
 
-def run_epoch(w: Worker, data: Data, epoch: int, status: Callable[[int, int], None],
+def run_epoch(w: Worker, data: Data, epoch: int, status: Callable[..., None],
               trace: Callable[[int, int, list[int]], None] | None = None
               ) -> tuple[dict[str, float], bool, dict[str, np.ndarray]]:
     """Train one epoch, evaluate every eval split, update the best epoch. -> (metrics, whether it improved, the
@@ -128,31 +129,35 @@ def run_epoch(w: Worker, data: Data, epoch: int, status: Callable[[int, int], No
             metrics.update({f"{TRAIN_CLASS_SAMPLES}{c}": float(n) for c, n in enumerate(counts)})
     w.sched.step()
     metrics.update(w.method.end_epoch(epoch))
-    confusions = evaluate_splits(w, data, metrics)
+    confusions = evaluate_splits(w, data, metrics, status, epoch, totals.steps - 1)
     metrics[EPOCH_S] = time.perf_counter() - t0
     metrics[SAMPLES_PER_S] = metrics[TRAIN_SAMPLES] / metrics[EPOCH_S]
     return metrics, select_best(w, epoch, metrics, confusions), {**classes, **class_columns(confusions)}
 
 
-def evaluate_only(w: Worker, data: Data, epoch: int) -> tuple[dict[str, float], bool, dict[str, np.ndarray]]:
+def evaluate_only(w: Worker, data: Data, epoch: int, status: Callable[..., None]
+                  ) -> tuple[dict[str, float], bool, dict[str, np.ndarray]]:
     """An evaluation-only run's one epoch (train.trainable=none: τ-norm): the prepared model scored on every eval
     split as it is — no optimizer step, no batch of the train split, so no train/* metrics. It is reported,
     checkpointed and selected like a trained epoch (epoch 0 of train.epochs=1), which is what sweeps and tables
     read."""
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
-    confusions = evaluate_splits(w, data, metrics)
+    confusions = evaluate_splits(w, data, metrics, status, epoch, -1)
     metrics[EPOCH_S] = time.perf_counter() - t0
     return metrics, select_best(w, epoch, metrics, confusions), class_columns(confusions)
 
 
-def evaluate_splits(w: Worker, data: Data, metrics: dict[str, float]) -> dict[str, Confusion]:
-    """Score every eval split, adding its metrics to ``metrics``. -> each split's (true, predicted) counts."""
+def evaluate_splits(w: Worker, data: Data, metrics: dict[str, float], status: Callable[..., None], epoch: int,
+                    step: int) -> dict[str, Confusion]:
+    """Score every eval split, adding its metrics to ``metrics`` (the status record names the split being scored,
+    after training step ``step`` of ``epoch``). -> each split's (true, predicted) counts."""
     confusions = {}
     if w.ema is not None:  # its BatchNorm statistics averaged each worker's own: score rank 0's (the checkpoint's)
         dist.broadcast_module_(w.ema)
     scored = w.ema if w.ema is not None else w.model  # what is evaluated, and so selected
     for split in w.manifest.eval_splits:
+        status(epoch, step, f"evaluate {split}")
         counts = evaluate(scored, data.eval(split), w.info.num_classes, w.cfg.train.amp, data.num_bias,
                           data.cluster_columns, data.num_clusters)
         confusions[split] = conf = counts.confusion.cpu()
