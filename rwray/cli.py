@@ -73,6 +73,22 @@ def _parse_pairs(pairs: list[str]) -> dict[str, object]:
     return out
 
 
+def _progress(unit: str):
+    """A rich progress display: a bar per task with its count, its rate in ``unit``/s and its ETA."""
+    from rich import progress as rp
+    from rich.text import Text
+
+    class PerSecond(rp.ProgressColumn):
+        def render(self, task) -> Text:
+            # the task's average so far (rich's own speed needs two updates; a one-shard split has one)
+            elapsed = task.finished_time or task.elapsed
+            speed = f"{task.completed / elapsed:,.0f}" if elapsed and task.completed else "-"
+            return Text(f"{speed} {unit}/s", style="progress.data.speed")
+
+    return rp.Progress(rp.TextColumn("{task.description:<12}"), rp.BarColumn(), rp.MofNCompleteColumn(), PerSecond(),
+                       rp.TimeElapsedColumn(), rp.TextColumn("ETA"), rp.TimeRemainingColumn(), console=console)
+
+
 @data_app.command("prepare")
 def data_prepare(
     source: str = typer.Argument(..., help="a data source: digits, cifar10, cifar100, synthetic, biased-mnist, "
@@ -95,18 +111,8 @@ def data_prepare(
     overwrite: bool = typer.Option(False, help="replace an existing shard directory"),
 ) -> None:
     """Write train/val/test Parquet shards and a manifest from a source."""
-    from rich import progress as rp
-    from rich.text import Text
-
     from rwray import config as C
     from rwray.data import prepare
-
-    class RowsPerSecond(rp.ProgressColumn):
-        def render(self, task) -> Text:
-            # the split's average so far (rich's own speed needs two updates; a one-shard split has one)
-            elapsed = task.finished_time or task.elapsed
-            speed = f"{task.completed / elapsed:,.0f}" if elapsed and task.completed else "-"
-            return Text(f"{speed} rows/s", style="progress.data.speed")
 
     with friendly_errors():
         raw = {"name": source, **_parse_pairs(param)}
@@ -118,9 +124,7 @@ def data_prepare(
             imbalance=imbalance, factor=factor, val_per_class=val_per_class, seed=seed, label_noise=label_noise,
             noise_rate=noise_rate, rows_per_shard=rows_per_shard, rows_per_group=rows_per_group, resize=resize,
             workers=workers), "rwray data prepare")
-        columns = (rp.TextColumn("{task.description:<12}"), rp.BarColumn(), rp.MofNCompleteColumn(), RowsPerSecond(),
-                   rp.TimeElapsedColumn(), rp.TextColumn("ETA"), rp.TimeRemainingColumn())
-        with rp.Progress(*columns, console=console) as bar:
+        with _progress("rows") as bar:
             # Reading (and downloading) the source and splitting it come before the first shard: no count yet.
             reading = bar.add_task(f"reading {source}", total=None)
             tasks: dict[str, int] = {}
@@ -159,21 +163,10 @@ def data_synth(
     overwrite: bool = typer.Option(False, help="replace what --out holds"),
 ) -> None:
     """Write a synthetic dataset with a large dataset's published shape in its exact on-disk format."""
-    from rich import progress as rp
-    from rich.text import Text
-
     from rwray.data.synth import synthesize
 
-    class FilesPerSecond(rp.ProgressColumn):
-        def render(self, task) -> Text:
-            elapsed = task.finished_time or task.elapsed
-            speed = f"{task.completed / elapsed:,.0f}" if elapsed and task.completed else "-"
-            return Text(f"{speed} files/s", style="progress.data.speed")
-
     with friendly_errors():
-        columns = (rp.TextColumn("{task.description:<12}"), rp.BarColumn(), rp.MofNCompleteColumn(), FilesPerSecond(),
-                   rp.TimeElapsedColumn(), rp.TextColumn("ETA"), rp.TimeRemainingColumn())
-        with rp.Progress(*columns, console=console) as bar:
+        with _progress("files") as bar:
             planning = bar.add_task(f"planning {name}", total=None)  # lists and labels come before the first image
             task: list[int] = []
 
