@@ -156,6 +156,12 @@ class OutOfMemory(RwrayError, MemoryError):
                             self.event)
 
 
+class RehearsalFailed(RwrayError, RuntimeError):
+    """A stage of `rwray rehearse` exited with an error: the command, its exit code and the end of its log."""
+
+    exit_code = 1
+
+
 class Interrupted(KeyboardInterrupt):
     """The run was stopped from outside: SIGTERM (`kill`, `ray job stop`, a scheduler's preemption notice), Ctrl-C,
     or its Ray Train controller killed on purpose (a Tune scheduler ending the trial, `ray.kill`). A KeyboardInterrupt,

@@ -33,19 +33,13 @@ from typing import Any, Callable
 import yaml
 
 from rwray import config as C
-from rwray.errors import ConfigError, RwrayError
+from rwray.errors import ConfigError, RehearsalFailed
 from rwray.memwatch import PeakWatch
 from rwray.metrics import CLASS_METRICS_MAX
 
 PATH_PARAMS = ("root", "image_root", "imagenet_a_root", "clusters_csv")  # source params that name files
 EVAL_RESIZE = 256 / 224  # the jobs' eval resize over crop ratio (Resize(256) + CenterCrop(224))
 TOP = 5  # `rwray predict --top` above CLASS_METRICS_MAX classes (the full probabilities are 4K bytes a row)
-
-
-class RehearsalFailed(RwrayError, RuntimeError):
-    """A stage of a rehearsal exited with an error: the command, its exit code and the end of its log."""
-
-    exit_code = 1
 
 
 @dataclass

@@ -28,6 +28,10 @@ EXAMPLES = {  # one instance of every user-facing error, as the code raises it
     errors.ClusterUnreachable: errors.ClusterUnreachable("cannot reach the Ray cluster at RAY_ADDRESS=10.0.0.9:6379"),
     errors.ResourceError: errors.ResourceError("cannot start: the run asks for 2 workers x {CPU: 1, GPU: 1}, and "
                                                "the cluster's nodes hold none of them."),
+    errors.OutOfMemory: errors.OutOfMemory("train worker rank 0 (pid 7, node 10.0.0.2)", "the process used 19.5 GiB",
+                                           "in epoch 1 of 1, evaluating split test", "lower data.eval_batch_size"),
+    errors.RehearsalFailed: errors.RehearsalFailed("`rwray train job.yaml` exited with 2 after 9 s; its log is "
+                                                   "train.log"),
 }
 
 
@@ -52,7 +56,8 @@ def test_the_cli_prints_the_message_and_exits_with_the_errors_code(cls, capsys):
 
 
 def test_run_failures_exit_1_and_bad_input_exits_2():
-    assert {c.__name__ for c, e in EXAMPLES.items() if e.exit_code == 1} == {"NonFiniteLoss", "BatchTooLarge"}
+    assert {c.__name__ for c, e in EXAMPLES.items() if e.exit_code == 1} == {"NonFiniteLoss", "BatchTooLarge",
+                                                                               "OutOfMemory", "RehearsalFailed"}
 
 
 def test_a_bug_keeps_its_traceback():

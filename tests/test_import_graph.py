@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "rwray"
 # Modules every other module may lean on: they import nothing from rwray except the error classes.
 LEAVES = {
     "rwray.errors", "rwray.datainfo", "rwray.registry", "rwray.dist", "rwray.hsic", "rwray.metrics", "rwray.plots",
-    "rwray.tables", "rwray.gram.kernels", "rwray.output",
+    "rwray.tables", "rwray.gram.kernels", "rwray.output", "rwray.text", "rwray.memwatch", "rwray.rehearse_report",
 }
 LEAF_MAY_IMPORT = {"rwray.errors"}
 
