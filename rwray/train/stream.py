@@ -71,6 +71,7 @@ def rebatch(parts: Iterable[dict[str, np.ndarray]], batch_size: int) -> Iterator
 
 
 PIECE_ROWS = 64  # pieces are cut to this many rows: the first batch waits for a few small decodes, not a row group
+PIECE_RETRIES = 3  # a piece whose decoding actor died is tried again this many times, on the restarted actor
 
 
 class _Decoder:
@@ -93,13 +94,17 @@ class _Decoder:
 class DecoderPool:
     """``actors`` Ray actors of ``cpus`` CPUs each (on nodes with ``label_selector``), kept for the run. Pieces are
     dealt round-robin with at most ``window`` in flight per actor and taken back in order: the stream's order is
-    the plan's, and memory is bounded by the window. A lost actor is restarted by Ray and its piece retried."""
+    the plan's, and memory is bounded by the window. A lost actor is restarted by Ray and its piece retried (up to
+    PIECE_RETRIES times)."""
 
     def __init__(self, readers: dict[str, tuple], actors: int, cpus: float, window: int,
                  label_selector: dict[str, str] | None = None):
         import ray
 
-        options: dict[str, Any] = {"num_cpus": cpus, "max_restarts": -1, "max_task_retries": -1}
+        # A lost actor is always restarted (a long run may lose many to preemption); a piece is retried a few times,
+        # then its error reaches the train worker: a piece that kills every actor it lands on (out of memory) would
+        # otherwise be retried forever, and the run would hang instead of failing with a report.
+        options: dict[str, Any] = {"num_cpus": cpus, "max_restarts": -1, "max_task_retries": PIECE_RETRIES}
         if label_selector:
             options["label_selector"] = label_selector
         remote = ray.remote(_Decoder).options(**options)
