@@ -99,9 +99,10 @@ def per_class_accuracy(acc: Sequence[float], train_counts: Sequence[int], classe
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax2 = ax.twinx()
-    ax2.plot(range(len(counts)), counts, color="tab:orange", marker="o" if len(counts) <= 50 else None)
+    binned = len(order) > CLASSES_DRAWN
+    ax2.plot(range(len(counts)), counts, color="tab:orange", marker=None if binned else "o")
     ax2.set_ylabel("training samples", color="tab:orange")
-    if counts and min(counts) > 0 and max(counts) / min(counts) > 20:
+    if binned and min(counts) > 0 and max(counts) / min(counts) > 20:  # a real long tail spans decades
         ax2.set_yscale("log")
     ax.set_title(title)
     return _save(fig, path, 100)
