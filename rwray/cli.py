@@ -338,18 +338,19 @@ TRACKING = typer.Option(None, "--tracking-uri", help="MLflow store of the source
 
 def _inference_setup(source: str, data: Path, split: str, tracking_uri: Optional[str], ray: Optional[bool]):
     from rwray.data import Manifest
-    from rwray.inference import check_data, load_source
+    from rwray.inference import check_data, load_source, on_ray
     from rwray.tracking import store_uri
 
     uri = store_uri(tracking_uri)  # an explicit --tracking-uri, else $MLFLOW_TRACKING_URI, else ./runs/mlflow.db
     model = load_source(source, uri)
     manifest = Manifest.load(data)
     check_data(model, manifest, split)
-    if ray is True or ray is None and manifest.encoded:
+    ray = on_ray(manifest, split, ray)  # Ray starts only where it will score
+    if ray:
         from rwray.train.rayenv import connect_ray
 
         connect_ray(None)
-    return model, manifest, uri
+    return model, manifest, uri, ray
 
 
 @app.command()
@@ -367,7 +368,7 @@ def evaluate(source: str = SOURCE, data: Path = DATA,
         from rwray.inference import class_table, count, metrics_of, table_rows
         from rwray.tracking.evaluation import log_evaluation
 
-        model, manifest, uri = _inference_setup(source, data, split, tracking_uri, ray)
+        model, manifest, uri, ray = _inference_setup(source, data, split, tracking_uri, ray)
         counts = count(model, manifest, split, ray=ray)
         metrics = metrics_of(model, manifest, split, counts)
         console.print(f"{model.source} on {manifest.dir}, split {split} ({manifest.num_samples(split)} images)")
@@ -397,7 +398,7 @@ def predict(source: str = SOURCE, data: Path = DATA,
     with terminal(verbose):
         from rwray.inference import predict as write
 
-        model, manifest, _ = _inference_setup(source, data, split, tracking_uri, ray)
+        model, manifest, _, ray = _inference_setup(source, data, split, tracking_uri, ray)
         n = write(model, manifest, split, out, ray=ray, top=top)
         what = f"probs[{len(model.classes)}]" if top is None else f"top_classes[{top}], top_probs[{top}]"
         console.print(f"wrote {n} rows (index, label, pred, {what}) to {out}")

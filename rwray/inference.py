@@ -167,16 +167,19 @@ def score_rows(module: torch.nn.Module, images: np.ndarray, batch_size: int) -> 
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def on_ray(manifest: Manifest, split: str, ray: bool | None) -> bool:
+    """Whether a split is scored by Ray Data actors: as asked, else when its shards exceed RAY_BYTES."""
+    import os
+
+    return ray if ray is not None else sum(os.path.getsize(p) for p in manifest.shard_paths(split)) > RAY_BYTES
+
+
 def scored(model: Model, manifest: Manifest, split: str, batch_size: int, ray: bool | None
            ) -> Iterator[dict[str, np.ndarray]]:
     """The split's rows with their probabilities: dicts of ``index`` [n], ``label`` [n], ``probs`` [n, K] and the
     extra columns, in the process or on Ray Data."""
-    import os
-
     paths = manifest.shard_paths(split)
-    if ray is None:
-        ray = sum(os.path.getsize(p) for p in paths) > RAY_BYTES
-    if ray:
+    if on_ray(manifest, split, ray):
         yield from _scored_on_ray(model, manifest, paths, batch_size)
         return
     import pyarrow.parquet as pq

@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 
 # Process kinds by what their title starts with, most specific first. A Ray pool worker takes the title of the task
-# it runs; it is classed by the first title that names a kind.
+# it runs, so a process is named by the most telling kind any of its titles named (PRIORITY).
 KINDS = (
     ("ray::RayTrainWorker", "train worker"),
     ("ray::_Decoder", "decoding actor"),
@@ -89,14 +89,23 @@ def children(pids: dict[int, int]) -> dict[int, list[int]]:
     return out
 
 
+# When a process was seen under several kinds (a pool worker runs a task, then becomes an actor), the first of this
+# list names it.
+PRIORITY = ("driver", "train worker", "decoding actor", "scoring actor", "train controller", "Ray Data task",
+            "Ray system process", "other Ray worker", "other process")
+
+
 @dataclass
 class Seen:
     """One process of the tree."""
 
     pid: int
-    kind: str
-    title: str
+    kinds: set[str] = field(default_factory=set)  # every kind its titles named
     peak: int = 0  # bytes
+
+    @property
+    def kind(self) -> str:
+        return next((k for k in PRIORITY if k in self.kinds), "idle Ray worker")
 
 
 @dataclass
@@ -144,19 +153,14 @@ class PeakWatch:
             peak = peak_rss(pid)
             if peak is None:
                 continue
-            entry = self.seen.get(pid)
-            if entry is None:
-                entry = self.seen[pid] = Seen(pid, "driver" if pid == self.root else "", "")
-            if entry.kind in ("", "other Ray worker"):  # not named yet: a pool worker names itself by its task
-                name = title(pid)
-                kind = kind_of(name)
-                if kind is not None and (entry.kind == "" or kind != "other Ray worker"):
-                    entry.kind, entry.title = kind, name
+            entry = self.seen.setdefault(pid, Seen(pid, {"driver"} if pid == self.root else set()))
+            if (kind := kind_of(title(pid))) is not None:  # a pool worker's title changes with its task
+                entry.kinds.add(kind)
             entry.peak = max(entry.peak, peak)
 
     def peaks(self) -> dict[str, list[int]]:
         """kind -> the peak of each process of that kind (bytes), largest first."""
         out: dict[str, list[int]] = {}
         for s in self.seen.values():
-            out.setdefault(s.kind or "idle Ray worker", []).append(s.peak)
+            out.setdefault(s.kind, []).append(s.peak)
         return {k: sorted(v, reverse=True) for k, v in out.items()}

@@ -182,13 +182,14 @@ def write_job(cfg: C.Config, opts: Options, source: dict, shards: Path, workdir:
               init_from: str | None) -> Path:
     """The job as it runs here: its own config, with the model swapped for ``opts.model`` (GroupNorm: a rank's
     last batch may hold one image), crops of the synthetic images' size, ``opts.epochs`` epochs, ``opts.workers``
-    CPU workers with one decoding actor each, a mid-epoch checkpoint half way through every epoch, no local weights
-    files, its output in ``runs``, and the selected model logged and registered. -> the job file written into
-    ``workdir``."""
+    CPU workers with one decoding actor each sharing the job's global batch (so an epoch has the job's number of
+    steps), a mid-epoch checkpoint half way through every epoch, no local weights files, its output in ``runs``,
+    and the selected model logged and registered. -> the job file written into ``workdir``."""
     raw = yaml.safe_load(cfg.to_yaml())
     data = raw["data"]
     data.update({"dir": str(shards), "source": source, "crop_size": opts.size,
-                 "eval_resize": round(opts.size * EVAL_RESIZE)})
+                 "eval_resize": round(opts.size * EVAL_RESIZE),
+                 "batch_size": max(1, data["batch_size"] * cfg.scaling.num_workers // opts.workers)})
     if data.get("stream") == "stream":
         data.update({"decode_actors": 1, "decode_cpus": 0.25, "decode_window": 2, "decode_node_labels": None})
     keep = {k: raw["model"][k] for k in ("normed_head", "dropout") if k in raw["model"]}
