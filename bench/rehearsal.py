@@ -73,16 +73,16 @@ def run_section(name: str, work: Path) -> None:
                                                   "machine": machine(), "seconds": time.perf_counter() - t0,
                                                   "records": records}, indent=1))
     if name == "classes":
-        shoot(Path(done[0].footprint["uri"][len("sqlite:///"):]).parent)
+        shoot(Path(done[0].footprint["uri"][len("sqlite:///"):]).parent, done[0].run_id)
 
 
-def shoot(store: Path) -> None:
+def shoot(store: Path, run_id: str) -> None:
     """The K = 8,142 run's MLflow page and its per-class plot, as the UI shows them."""
     if shutil.which("chromium") is None:
         print("no headless Chromium (apt-get install chromium): the run page is not captured", flush=True)
         return
-    subprocess.run([sys.executable, str(ROOT / "docs" / "screenshots.py"), "--store", str(store), "--out", str(IMG)],
-                   check=True)
+    subprocess.run([sys.executable, str(ROOT / "docs" / "screenshots.py"), "--store", str(store), "--run", run_id,
+                    "--out", str(IMG)], check=True)
 
 
 def render() -> str:

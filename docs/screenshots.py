@@ -2,6 +2,7 @@
 
     .venv/bin/python docs/screenshots.py                 # trains the quickstart run in a temporary folder
     .venv/bin/python docs/screenshots.py --store runs    # or uses the latest run of an existing output_dir
+    .venv/bin/python docs/screenshots.py --store runs --run <run id> --out <folder>   # or one run, elsewhere
 
 Trains with the real CLI (`rwray train quickstart`), starts `mlflow ui` on loopback on a free port, and captures the
 pages with headless Chromium (Debian package `chromium`), driven over its DevTools protocol (the UI is a
@@ -71,11 +72,14 @@ def wait_http(url: str, timeout_s: float, log: Path) -> None:
     sys.exit(f"mlflow ui did not answer at {url} within {timeout_s:.0f} s; its log: {log}")
 
 
-def latest_run(store: Path) -> tuple[str, str]:
-    """(experiment id, run id) of the most recent finished run in ``store``'s sqlite MLflow store."""
+def latest_run(store: Path, run_id: str | None = None) -> tuple[str, str]:
+    """(experiment id, run id) of run ``run_id``, or of the most recent finished run, in ``store``'s sqlite MLflow
+    store."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    if run_id is not None:
+        return client.get_run(run_id).info.experiment_id, run_id
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string="attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
                               max_results=1)
@@ -173,6 +177,7 @@ async def shoot_run(chromium: str, page_url: str, out_dir: Path, tmp: Path) -> N
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, help="an output_dir holding mlflow.db (default: train a short run)")
+    ap.add_argument("--run", help="with --store: this run (default: the latest finished one)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs of the run (default: the quickstart's)")
     ap.add_argument("--out", type=Path, default=IMG)
     args = ap.parse_args()
@@ -188,7 +193,7 @@ def main() -> int:
                    *([f"train.epochs={args.epochs}"] if args.epochs else [])]
             print("training:", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, cwd=tmp)
-        exp, run = latest_run(store)
+        exp, run = latest_run(store, args.run)
         port = free_port()
         ui = [str(BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # one page to serve: one worker
