@@ -411,6 +411,8 @@ def rehearse(jobs: List[Path] = typer.Argument(..., help="job YAMLs on large dat
              size: int = typer.Option(32, help="synthetic images' shorter side and the crop size, pixels"),
              classes: Optional[int] = typer.Option(None, help="the same images over this many classes"),
              epochs: int = typer.Option(1, min=1), workers: int = typer.Option(2, min=1, help="CPU train workers"),
+             model: str = typer.Option("resnet10", help="the small model the jobs train instead of theirs "
+                                       "(GroupNorm): resnet10 or small_cnn"),
              out: Path = typer.Option(Path("runs/rehearsal"), help="synthetic data, shards and each job's run"),
              report: Optional[Path] = typer.Option(None, help="also write the markdown tables here")) -> None:
     """Run large jobs end to end on this machine at their datasets' real shape (synthetic images in the real file
@@ -419,7 +421,12 @@ def rehearse(jobs: List[Path] = typer.Argument(..., help="job YAMLs on large dat
     from rwray.rehearse_report import markdown
 
     with friendly_errors():
-        opts = Options(out=out.absolute(), scale=scale, size=size, classes=classes, epochs=epochs, workers=workers)
+        if model not in ("resnet10", "small_cnn"):
+            from rwray.errors import ConfigError
+
+            raise ConfigError([f"--model {model!r}: choose resnet10 or small_cnn"], "rwray rehearse")
+        opts = Options(out=out.absolute(), scale=scale, size=size, classes=classes, epochs=epochs, workers=workers,
+                       model={"name": model, "norm": "group"})
         done = run_all(jobs, opts, say=_show)
         from dataclasses import asdict
 
