@@ -123,7 +123,8 @@ def rehearse(jobs: list[Path], opts: Options, say: Say = print) -> list[Rehearsa
         runs = opts.out / "runs" / shards.name  # shared by the jobs on one dataset: a second stage starts inside it
         if r.dataset not in last_checkpoint and runs.exists():  # an earlier rehearsal's runs: start afresh
             shutil.rmtree(runs)
-        job_file = write_job(cfg, opts, source, shards, Path(r.workdir), runs, last_checkpoint.get(r.dataset))
+        job_file = write_job(cfg, opts, source, shards, r.splits["train"], Path(r.workdir), runs,
+                             last_checkpoint.get(r.dataset))
         train(job_file, r, say)
         last_checkpoint[r.dataset] = latest_checkpoint(runs, cfg.tracking.run_name or cfg.name)
         score(r, shards, say)
@@ -166,7 +167,8 @@ def dataset(cfg: C.Config, opts: Options, r: Rehearsal, prepared: dict[str, str]
         r.stages.append(command("verify", ["data", "verify", str(shards)], Path(r.workdir) / "verify.log", say))
         prepared[str(shards)] = cfg.name
     else:
-        r.stages.append(Stage("prepare + verify", 0.0, note=f"shared with {prepared.get(str(shards), 'an earlier run')}"))
+        shared = prepared.get(str(shards), "an earlier rehearsal")
+        r.stages.append(Stage("prepare + verify", 0.0, note=f"the shards of {shared}"))
     m = Manifest.load(shards)
     r.num_classes = m.num_classes
     r.splits = {s: m.num_samples(s) for s in ("train", *m.eval_splits)}
@@ -178,7 +180,7 @@ def dataset(cfg: C.Config, opts: Options, r: Rehearsal, prepared: dict[str, str]
 # ------------------------------------------------------------------------------------------------------- the job
 
 
-def write_job(cfg: C.Config, opts: Options, source: dict, shards: Path, workdir: Path, runs: Path,
+def write_job(cfg: C.Config, opts: Options, source: dict, shards: Path, train_size: int, workdir: Path, runs: Path,
               init_from: str | None) -> Path:
     """The job as it runs here: its own config, with the model swapped for ``opts.model`` (GroupNorm: a rank's
     last batch may hold one image), crops of the synthetic images' size, ``opts.epochs`` epochs, ``opts.workers``
@@ -197,10 +199,7 @@ def write_job(cfg: C.Config, opts: Options, source: dict, shards: Path, workdir:
     g = raw["method"].get("g")
     if isinstance(g, dict) and g.get("weights"):
         g["weights"] = None
-    per_step = data["batch_size"] * opts.workers
-    from rwray.data import Manifest
-
-    steps = max(1, Manifest.load(shards).num_samples("train") // per_step)
+    steps = max(1, train_size // (data["batch_size"] * opts.workers))
     train = raw["train"]
     train.update({"epochs": opts.epochs, "amp": "none", "compile": False,
                   "checkpoint_every_steps": max(1, steps // 2) if steps > 1 else None})
