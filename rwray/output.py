@@ -177,9 +177,10 @@ def worker_line(line: str) -> None:
 
 
 def route(data: dict[str, Any], show: Callable[[str], None], write: Callable[[str], None],
-          autoscaler_events: Callable[[list[str]], Any] = lambda lines: lines) -> None:
+          autoscaler_events: Callable[[list[str]], Any] = lambda lines: lines, drop: tuple[str, ...] = ()) -> None:
     """One batch of worker output as Ray's driver receives it ({"lines", "pid", "ip", "actor_name", ...}): marked
-    lines are shown without the mark, every other line is written with its origin."""
+    lines are shown without the mark, lines holding one of `drop` are dropped, every other line is written with
+    its origin."""
     lines = list(data.get("lines", ()))
     who = data.get("actor_name") or data.get("task_name") or "worker"
     head = f"({who} pid={data.get('pid')}, {data.get('ip')}) "
@@ -189,14 +190,15 @@ def route(data: dict[str, Any], show: Callable[[str], None], write: Callable[[st
         at = line.find(MARK)
         if at >= 0:
             show(line[at + len(MARK):])
-        else:
+        elif not any(d in line for d in drop):
             write(head + line + "\n")
 
 
-def attach_ray() -> None:
-    """After ray.init: file the worker output Ray streams to the driver, show the marked lines. Ray offers no
-    public hook for this; its driver hands every batch of worker lines to ``global_worker_stdstream_dispatcher``,
-    whose default handler prints them. Without that (another Ray version) Ray's default printing stays."""
+def attach_ray(drop: tuple[str, ...] = ()) -> None:
+    """After ray.init: file the worker output Ray streams to the driver (less the lines holding one of `drop`),
+    show the marked lines. Ray offers no public hook for this; its driver hands every batch of worker lines to
+    ``global_worker_stdstream_dispatcher``, whose default handler prints them. Without that (another Ray version)
+    Ray's default printing stays."""
     if _capture is None:
         return
     _capture.grab_loggers()
@@ -210,4 +212,4 @@ def attach_ray() -> None:
     dispatcher.remove_handler("rwray")
     # Stays for as long as Ray does, past `teardown`: workers' lines still arriving after a command ended (a
     # finished run's actors shutting down) must not reach the terminal either; they are kept in memory.
-    dispatcher.add_handler("rwray", lambda data: route(data, cap.show, cap.write, filter_autoscaler_events))
+    dispatcher.add_handler("rwray", lambda data: route(data, cap.show, cap.write, filter_autoscaler_events, drop))

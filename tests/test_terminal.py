@@ -24,6 +24,18 @@ def test_marked_worker_lines_are_shown_and_the_rest_is_filed():
     assert filed == ["(RayTrainWorker pid=41, 10.0.0.2) Reporting training result 1: TrainingReport(...)\n"]
 
 
+def test_lines_that_mean_nothing_on_a_local_ray_are_dropped():
+    from rwray.train.rayenv import NO_STATE_API
+
+    filed = []
+    cleaner = "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable."
+    output.route({"lines": [cleaner, "Detected that the Ray Train controller actor is dead."], "pid": 7, "ip": "x",
+                  "actor_name": "PlacementGroupCleaner"}, print, filed.append, drop=NO_STATE_API)
+    assert filed == ["(PlacementGroupCleaner pid=7, x) Detected that the Ray Train controller actor is dead.\n"]
+    output.route({"lines": [cleaner], "pid": 7, "ip": "x"}, print, filed.append)  # kept where not asked
+    assert len(filed) == 2
+
+
 def test_the_autoscaler_status_table_is_reduced_to_its_events():
     filed = []
     output.route({"lines": ["======== Autoscaler status ========", ":event_summary:Adding 1 node(s) of type gpu"],
@@ -76,3 +88,4 @@ def test_the_quickstart_prints_its_own_lines_only(tmp_path):
     for start in starts:  # Ray's own lines are kept, in the file each start line names
         log = Path(re.search(r"logs: (\S+\.log)", start).group(1))
         assert log.parent == tmp_path / "runs" / "logs" and "TrainingReport" in log.read_text()
+        assert "Failed to query" not in log.read_text()  # the placement-group cleaner's, once a second

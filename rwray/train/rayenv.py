@@ -17,6 +17,10 @@ from rwray.errors import ClusterUnreachable, Interrupted
 from rwray.train.resources import local_cpus
 
 _started_here = False  # this process started the Ray it is connected to (no other job, no autoscaler)
+# Ray Train's placement-group cleaner asks the state API every second whether the controller lives, and says so
+# each time it cannot ask. A Ray started here has no dashboard, so no state API (and ends with this process, its
+# placement groups with it): a line a second in a run's log file (633 of the 640 lines of a 12-minute run).
+NO_STATE_API = ("Failed to query Ray Train Controller actor state",)
 
 
 def connect_ray(cfg: Config, concurrent_runs: int = 1) -> None:
@@ -47,7 +51,7 @@ def connect_ray(cfg: Config, concurrent_runs: int = 1) -> None:
              configure_logging=not output.captured())
     global _started_here
     _started_here = True
-    output.attach_ray()
+    output.attach_ray(drop=NO_STATE_API)
 
 
 def check_address(address: str | None, timeout_s: float = 5.0) -> None:
