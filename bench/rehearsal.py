@@ -102,7 +102,8 @@ def render() -> str:
             continue
         s = saved[name]
         m = s["machine"]
-        opts = ", ".join(f"{k} {v}" for k, v in s["options"].items() if k != "model" and v is not None)
+        opts = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in s["options"].items()
+                         if k != "model" and v is not None)
         out += [f"## {s['title']}", "", f"{opts}; {m['cpus']} CPUs, {m['memory_gib']} GiB, commit {m['commit']}, "
                 f"{m['date']}; {s['seconds'] / 60:.0f} min in all.", ""]
         out += [section(r) for r in s["records"]]

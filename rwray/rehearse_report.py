@@ -36,7 +36,8 @@ def peaks_text(peaks: dict[str, list[int]]) -> str:
     rest = [(k, max(v)) for k, v in peaks.items() if k not in NAMED and v]
     if rest:
         top = max(rest, key=lambda kv: kv[1])
-        parts.append(f"{sum(len(peaks[k]) for k, _ in rest)} other processes, largest {size(top[1])} ({top[0]})")
+        n = sum(len(peaks[k]) for k, _ in rest)
+        parts.append(f"{n} other process{'es' if n > 1 else ''}, largest {size(top[1])} ({top[0]})")
     return "; ".join(parts) or "-"
 
 
