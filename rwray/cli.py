@@ -417,14 +417,14 @@ def rehearse(jobs: List[Path] = typer.Argument(..., help="job YAMLs on large dat
              report: Optional[Path] = typer.Option(None, help="also write the markdown tables here")) -> None:
     """Run large jobs end to end on this machine at their datasets' real shape (synthetic images in the real file
     formats): prepare, verify, train, model, registry, evaluate, predict; each stage's time and memory."""
-    from rwray.rehearse import Options, rehearse as run_all
+    from rwray.rehearse import MODELS, Options, rehearse as run_all
     from rwray.rehearse_report import markdown
 
     with friendly_errors():
-        if model not in ("resnet10", "small_cnn"):
+        if model not in MODELS:
             from rwray.errors import ConfigError
 
-            raise ConfigError([f"--model {model!r}: choose resnet10 or small_cnn"], "rwray rehearse")
+            raise ConfigError([f"--model {model!r}: choose {' or '.join(MODELS)}"], "rwray rehearse")
         opts = Options(out=out.absolute(), scale=scale, size=size, classes=classes, epochs=epochs, workers=workers,
                        model={"name": model, "norm": "group"})
         done = run_all(jobs, opts, say=_show)

@@ -42,6 +42,9 @@ EVAL_RESIZE = 256 / 224  # the jobs' eval resize over crop ratio (Resize(256) + 
 TOP = 5  # `rwray predict --top` above CLASS_METRICS_MAX classes (the full probabilities are 4K bytes a row)
 
 
+MODELS = ("resnet10", "small_cnn")  # the small models a rehearsal may swap in (GroupNorm: no batch statistics)
+
+
 @dataclass
 class Options:
     out: Path  # the rehearsal's folder: raw/ (synthetic datasets), shards/, and one folder per job
