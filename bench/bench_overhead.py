@@ -240,7 +240,9 @@ def _code(pkg: Path) -> str:
         return subprocess.run(["git", "-C", str(pkg), *a], capture_output=True, text=True).stdout.strip()
     sha = git("rev-parse", "--short", "HEAD")
     dirty = bool(git("status", "--porcelain", "--", "."))
-    return f"{pkg} @ {sha or '?'}{' + uncommitted changes' if dirty else ''}"
+    top = Path(git("rev-parse", "--show-toplevel") or pkg.parent)
+    where = pkg.relative_to(top) if pkg.is_relative_to(top) else pkg  # the repository's folder, not this machine's
+    return f"{where} @ {sha or '?'}{' + uncommitted changes' if dirty else ''}"
 
 
 # ----------------------------------------------------------------------------------------------------- the doc
