@@ -107,7 +107,7 @@ class TrainConfig(Section):
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     # Decoupled training, second stage (Kang et al. 2020): start from the model weights of a first-stage checkpoint
     # (a checkpoint_* folder under output_dir; a new run, not a resume), train only the classifier (features
-    # frozen, BatchNorm statistics included) or only a per-class scale of its logits (LWS), and/or re-initialise
+    # frozen; see frozen_mode for their BatchNorm) or only a per-class scale of its logits (LWS), and/or re-initialise
     # it. cRT = classifier + reinit_classifier + data.sampler=class_balanced; LWS = scales + class_balanced.
     # τ-norm = none + tau_norm: no training; each class row of the classifier's weight becomes w_k / ‖w_k‖^τ, its
     # bias 0 (rwray.train.decoupled.apply_tau_norm), and the run evaluates val and test once, as its epoch 0 of 1.
@@ -116,6 +116,11 @@ class TrainConfig(Section):
     trainable: Literal["all", "classifier", "scales", "none"] = "all"
     reinit_classifier: bool = False
     tau_norm: float | None = Field(None, ge=0)  # τ: 0 keeps the weight rows, 1 makes them unit-norm
+    # How the frozen features run while the classifier trains: eval (BatchNorm uses and keeps the first stage's
+    # running statistics, dropout off) or train (only their gradients are off, as in the Balanced Meta-Softmax and
+    # classifier-balancing code: BatchNorm normalises with batch statistics and its running statistics keep moving
+    # with the second stage's batches, which are what evaluation then uses).
+    frozen_mode: Literal["eval", "train"] = "eval"
 
     @model_validator(mode="after")
     def _second_stage_needs_a_first(self) -> "TrainConfig":
@@ -126,6 +131,9 @@ class TrainConfig(Section):
         if self.tau_norm is not None and self.trainable != "none":
             problems.append(("trainable", f"tau_norm rescales the first stage's classifier without training it: "
                              f"set train.trainable: none (got {self.trainable})"))
+        if self.frozen_mode != "eval" and self.trainable not in ("classifier", "scales"):
+            problems.append(("frozen_mode", f"frozen_mode says how frozen features run while the classifier "
+                             f"trains: it needs train.trainable: classifier or scales (got {self.trainable})"))
         if self.trainable == "none":
             if self.tau_norm is None:
                 problems.append(("tau_norm", "trainable: none trains nothing, and the first stage's own run already "

@@ -46,6 +46,36 @@ def test_a_frozen_representation_keeps_weights_and_batchnorm_statistics_and_the_
     assert model.training  # the loop's own flag is untouched; the frozen parts run in eval mode regardless
 
 
+def test_frozen_mode_train_keeps_weights_but_batchnorm_runs_on_batch_statistics_as_upstream():
+    """frozen_mode train (Balanced Meta-Softmax's loop): no weight moves, but the first BatchNorm normalises each
+    batch with its own statistics and its running mean moves by exactly momentum · (batch mean − running mean)."""
+    torch.manual_seed(0)
+    model = MODELS.build(SmallCNNParams(width=8), INFO)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    freeze_features(model, "train")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9,
+                          weight_decay=1e-3)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    conv_out = {}
+    bn.register_forward_pre_hook(lambda m, a: conv_out.setdefault("x", a[0].detach().clone()))
+    one = batches()[:1]
+    train_epoch(model, METHODS.build(ERMParams(), INFO), opt, one, 0)
+    after = model.state_dict()
+    name = next(k for k, m in model.named_modules() if m is bn)
+    x = conv_out["x"]  # [B, C, H, W] what the first BatchNorm saw
+    expected = (1 - bn.momentum) * before[f"{name}.running_mean"] + bn.momentum * x.mean(dim=(0, 2, 3))  # [C]
+    torch.testing.assert_close(after[f"{name}.running_mean"], expected)
+    weights = [k for k, p in model.named_parameters() if not k.startswith("fc.")]
+    assert weights and all(torch.equal(after[k], before[k]) for k in weights)  # weights frozen as in eval mode
+    assert not torch.equal(after["fc.weight"], before["fc.weight"])
+
+
+def test_frozen_mode_needs_a_frozen_representation(tmp_path, digits_dir):
+    with pytest.raises(ConfigError, match="frozen_mode") as e:
+        job(tmp_path, digits_dir, train={"frozen_mode": "train"})
+    assert "trainable: classifier or scales" in str(e.value)
+
+
 def test_init_from_loads_the_first_stage_and_reinit_draws_a_new_head(tmp_path):
     torch.manual_seed(0)
     first = MODELS.build(SmallCNNParams(width=8), INFO)

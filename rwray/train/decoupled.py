@@ -6,9 +6,14 @@ at all: τ-normalised (`tau_normalize`), then evaluated.
 `prepare_stage` applies train.init_from / trainable / reinit_classifier / tau_norm to a freshly built model, before
 it is wrapped for data parallelism. Every model of the registry names its classifier ``fc``.
 
-Frozen means frozen in every respect: no gradient (so no weight decay or momentum moves the features), and every
-module outside the classifier runs in evaluation mode even while the loop trains (BatchNorm uses and keeps its
-first-stage running statistics, dropout is off), as the reference code does with the feature network in eval mode.
+Frozen features get no gradient (so no weight decay or momentum moves their weights). How they run while the loop
+trains is `train.frozen_mode`:
+* eval (default): every module outside the classifier stays in evaluation mode, so BatchNorm uses and keeps the
+  first stage's running statistics and dropout is off: the representation is exactly the first stage's.
+* train: only the gradients are off. This is what the Balanced Meta-Softmax and classifier-balancing code does (its
+  loop calls train() on every network each epoch; `fix: true` only turns off requires_grad), so BatchNorm normalises
+  each batch with its own statistics and its running statistics drift towards the second stage's batches (e.g.
+  class-balanced ones under cRT); evaluation then uses the drifted statistics.
 """
 
 from __future__ import annotations
@@ -40,9 +45,9 @@ def load_first_stage(model: nn.Module, state: dict, where: Path) -> None:
                            f"(the first stage's model: and data: sections)"]) from None
 
 
-def freeze_features(model: nn.Module) -> None:
-    """No gradient and evaluation mode for everything but the classifier: a forward pre-hook puts each frozen
-    module back in eval mode, whatever model.train() set."""
+def freeze_features(model: nn.Module, mode: str = "eval") -> None:
+    """No gradient for everything but the classifier; with mode "eval", evaluation mode too: a forward pre-hook puts
+    each frozen module back in eval mode, whatever model.train() set ("train" leaves the loop's train() in force)."""
     head = classifier_of(model)
     trainable = {id(m) for m in head.modules()}
     for module in model.modules():
@@ -50,7 +55,7 @@ def freeze_features(model: nn.Module) -> None:
             continue
         for p in module.parameters(recurse=False):
             p.requires_grad_(False)
-        if module is not model:  # the model's own flag stays what the loop sets; its parts decide their behaviour
+        if mode == "eval" and module is not model:  # the model's own flag stays what the loop sets
             module.register_forward_pre_hook(_eval_mode)
 
 
@@ -102,7 +107,8 @@ def apply_tau_norm(head: nn.Module, tau: float) -> None:
 
 
 def prepare_stage(model: nn.Module, num_classes: int, init_from: Path | None, trainable: str,
-                  reinit_classifier: bool, state: dict | None = None, tau_norm: float | None = None) -> nn.Module:
+                  reinit_classifier: bool, state: dict | None = None, tau_norm: float | None = None,
+                  frozen_mode: str = "eval") -> nn.Module:
     """The job's second-stage settings applied to a freshly built model (``state``: the checkpoint, when the
     caller has read it already).
 
@@ -119,7 +125,7 @@ def prepare_stage(model: nn.Module, num_classes: int, init_from: Path | None, tr
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
     if trainable in ("classifier", "scales"):
-        freeze_features(model)
+        freeze_features(model, frozen_mode)
     if trainable == "scales":
         head = classifier_of(model)
         for p in head.parameters():

@@ -55,7 +55,8 @@ def build(cfg: Config) -> Worker:
     info = manifest.data_info(cfg.data.crop_size)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     model = prepare_stage(MODELS.build(cfg.model, info), info.num_classes, cfg.train.init_from,
-                          cfg.train.trainable, cfg.train.reinit_classifier, tau_norm=cfg.train.tau_norm)
+                          cfg.train.trainable, cfg.train.reinit_classifier, tau_norm=cfg.train.tau_norm,
+                          frozen_mode=cfg.train.frozen_mode)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
