@@ -33,6 +33,9 @@ class ScheduleConfig(Params):
     milestones: list[int] = []  # step: multiply lr by gamma at each of these epochs
     gamma: float = Field(0.1, gt=0, le=1)
     min_lr: float = Field(0.0, ge=0)  # cosine floor
+    # Step the schedule at the start of each epoch, before it trains, as Balanced Meta-Softmax's loop does: epoch e
+    # (0-based) trains at the factor the default gives epoch e + 1, so a cosine's last epoch runs at its floor.
+    step_first: bool = False
 
     @model_validator(mode="after")
     def _sorted(self) -> "ScheduleConfig":
@@ -66,6 +69,7 @@ def step_factor(milestones: Sequence[int], gamma: float, epoch: int) -> float:
 
 def lr_factor(cfg: ScheduleConfig, epoch: int, total_epochs: int) -> float:
     """Multiplier of the base lr during `epoch` (0-based): linear warm-up, then step decay or cosine."""
+    epoch += int(cfg.step_first)
     if epoch < cfg.warmup_epochs:
         return (epoch + 1) / cfg.warmup_epochs
     if cfg.name == "step":

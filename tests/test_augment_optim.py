@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from rwray.data.augment import decode, random_crop, random_flip
@@ -43,6 +44,17 @@ def test_cosine_after_warmup():
     cfg = ScheduleConfig(name="cosine", warmup_epochs=2)
     assert lr_factor(cfg, 0, 12) == 0.5 and lr_factor(cfg, 2, 12) == 1.0
     assert math.isclose(lr_factor(cfg, 7, 12), 0.5)
+
+
+def test_step_first_trains_each_epoch_at_the_next_epochs_factor_so_a_cosine_ends_at_its_floor():
+    """Balanced Meta-Softmax steps its CosineAnnealingLR(T_max=E) before each epoch: epoch e (0-based) trains at
+    0.5·(1 + cos(π(e+1)/E)), the last one at 0."""
+    cfg = ScheduleConfig(name="cosine", step_first=True)
+    E = 10
+    got = [lr_factor(cfg, e, E) for e in range(E)]
+    assert got == pytest.approx([0.5 * (1 + math.cos(math.pi * (e + 1) / E)) for e in range(E)])
+    assert got[-1] == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(ScheduleConfig(name="cosine"), 0, E) == 1.0  # the default: the first epoch at the full lr
 
 
 def test_classifier_lr_puts_the_head_in_its_own_group_and_both_follow_the_schedule():
