@@ -218,6 +218,25 @@ def test_biased_digits_train_pool_proportions_and_determinism():
     assert not np.array_equal(other.extra_train_columns["bias"], colours)
 
 
+def test_val_rho_colours_the_val_split_carved_from_train_with_the_unbiased_test_construction():
+    """val_rho 0.1: the val images are the same train-pool digits, each class on its own colour for exactly
+    round(0.1 · n) of them and the rest spread over the nine others; train and both test sets are unchanged."""
+    b = BuilderParams(val_per_class=20)
+    plain = build_splits(SOURCES.build(BiasedDigitsParams(rho=0.99)), b)
+    fair = build_splits(SOURCES.build(BiasedDigitsParams(rho=0.99, val_rho=0.1)), b)
+    for name in ("train", "test", "test_unbiased"):
+        np.testing.assert_array_equal(fair[name].images, plain[name].images)
+    v, pv = fair["val"], plain["val"]
+    np.testing.assert_array_equal(v.index, pv.index)  # the same digits were carved out
+    np.testing.assert_array_equal(v.images.min(axis=1) == 255, pv.images.min(axis=1) == 255)  # same white digits
+    for c in range(10):
+        colours = v.extras["bias"][v.labels == c]  # [20]
+        assert (colours == c).sum() == 2  # round(0.1 * 20)
+        assert np.bincount(colours[colours != c], minlength=10).max() <= 3  # 18 over nine colours: 2 each
+        assert (pv.extras["bias"][pv.labels == c] == c).sum() >= 19  # the default: biased like train (rho .99)
+    np.testing.assert_array_equal(v.images[:, :, 0, 0], COLOURS[v.extras["bias"]])  # corner pixel: background
+
+
 def test_label_noise_reaches_extra_splits_and_raw_data_is_validated():
     x = np.zeros((20, 1, 2, 2), dtype=np.uint8)
     y = np.arange(20) % 2

@@ -79,3 +79,12 @@ def biased_sets(
         colours = assign_colours(labels, r, rng)
         out[name] = (colourise(gray, colours, threshold), labels, colours)
     return out
+
+
+def recolour(gray: np.ndarray, labels: np.ndarray, rho: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n, H, W] uint8 grey digits of the train pool, [n] labels -> ([n, 3, H, W] images, [n] colour index) at ρ,
+    drawn from a fourth stream of ``seed`` (the three of `biased_sets` stay as they are): how a validation split
+    carved from train gets the test sets' construction (e.g. ρ = 0.1, unbiased)."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(4)[3])
+    colours = assign_colours(labels.astype(np.int64), rho, rng)
+    return colourise(gray, colours), colours

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Callable, Literal, NamedTuple
 
 import numpy as np
 from pydantic import Field
@@ -46,6 +46,9 @@ class RawData:
     extra_test_columns: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [M]
     # Further test sets, written as splits of their own name next to train/val/test.
     extra_test_splits: dict[str, ExtraSplit] = field(default_factory=dict)
+    # How the val split draws its images from the train pool: indices [n] -> (images [n, C, H, W] uint8, extra
+    # columns {name: [n]}). None: as the pool holds them. Biased MNIST's unbiased validation recolours them here.
+    val_view: Callable[[np.ndarray], tuple[np.ndarray, dict[str, np.ndarray]]] | None = None
 
     def __post_init__(self) -> None:
         # Every source goes through here, so a malformed source fails with a clear message before anything is written.
@@ -200,6 +203,9 @@ class BiasedMnistParams(Params):
     rho: Rho = Field(0.99, description="train (and val) share of each class drawn on its own colour; paper: "
                                        "0.99, 0.995, 0.997, 0.999")
     unbiased_rho: Rho = Field(0.1, description="rho of the test_unbiased split (0.1: colour independent of class)")
+    val_rho: Rho | None = Field(None, description="rho of the val split carved from the train pool (None: train's; "
+                                                  "0.1: the unbiased test construction, for selection on unbiased "
+                                                  "accuracy)")
     seed: int = 0
 
 
@@ -207,6 +213,7 @@ class BiasedDigitsParams(Params):
     name: Literal["biased-digits"] = "biased-digits"
     rho: Rho = 0.99
     unbiased_rho: Rho = 0.1
+    val_rho: Rho | None = None  # as for biased-mnist
     test_per_class: int = Field(50, ge=1, description="held-out test images per class, as for `digits`")
     seed: int = 0
 
@@ -216,9 +223,15 @@ def _biased_raw(train_gray: np.ndarray, train_y: np.ndarray, test_gray: np.ndarr
     sets = biased.biased_sets(train_gray, train_y, test_gray, test_y, p.rho, p.unbiased_rho, p.seed)
     (tr_x, tr_y, tr_c), (te_x, te_y, te_c) = sets["train"], sets["test"]
     un_x, un_y, un_c = sets["test_unbiased"]
+    val_view = None
+    if p.val_rho is not None:
+        def val_view(idx: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+            """The val images (train-pool indices [n]) coloured afresh at val_rho, from their own random stream."""
+            x, c = biased.recolour(train_gray[idx], train_y[idx], p.val_rho, p.seed)
+            return x, {"bias": c}
     return RawData(tr_x, tr_y, te_x, te_y, [str(c) for c in range(10)],
                    extra_train_columns={"bias": tr_c}, extra_test_columns={"bias": te_c},
-                   extra_test_splits={"test_unbiased": ExtraSplit(un_x, un_y, {"bias": un_c})})
+                   extra_test_splits={"test_unbiased": ExtraSplit(un_x, un_y, {"bias": un_c})}, val_view=val_view)
 
 
 def build_biased_mnist(p: BiasedMnistParams) -> RawData:

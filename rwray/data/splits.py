@@ -96,6 +96,9 @@ def build_splits(raw: RawData, b: BuilderParams) -> dict[str, Split]:
         # Extra test sets (e.g. test_unbiased): ids are positions in their own arrays, like test.
         **{name: whole(*extra) for name, extra in raw.extra_test_splits.items()},
     }
+    if raw.val_view is not None:  # the source draws val its own way (e.g. recoloured at an unbiased rho)
+        val = splits["val"]
+        val.images, val.extras = raw.val_view(val_idx)
     if b.label_noise is not None:
         tr = splits["train"]
         clean = tr.labels
