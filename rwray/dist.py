@@ -32,6 +32,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_reduce_sum_grad(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over all workers, differentiable: the backward all-reduces the gradient too (each worker's
+    input feeds every worker's output), e.g. for BatchNorm statistics over the global batch."""
+    if not is_distributed():
+        return t
+    import torch.distributed.nn.functional as dfn
+
+    return dfn.all_reduce(t, op=tdist.ReduceOp.SUM)
+
+
 def global_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean of all elements of ``t`` over the global batch: sum and count are reduced together, so workers may hold
     different batch sizes (the last batch of an epoch) and the result equals one worker holding everything."""

@@ -31,9 +31,8 @@ from pydantic import Field
 from torch import nn
 
 from rwray.datainfo import DataInfo
-from rwray.models.layers import Norm, head, norm2d
+from rwray.models.layers import Norm, NormParams, head, norm2d
 from rwray.models.weights import WeightsPath, maybe_load
-from rwray.registry import Params
 
 WIDTHS = (64, 128, 256, 512)
 BLOCKS = (2, 2, 2, 2)
@@ -41,9 +40,8 @@ STRIDES = (2, 2, 2, 1)
 KERNEL3 = (1, 0, 0, 0)  # per stage: how many leading blocks use a 3x3 conv (the rest 1x1)
 
 
-class BagNetParams(Params):
+class BagNetParams(NormParams):
     name: Literal["bagnet18"] = "bagnet18"
-    norm: Norm = "batch"
     normed_head: bool = False
     dropout: float = Field(0.0, ge=0, lt=1)
     weights: WeightsPath | None = None

@@ -6,9 +6,28 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import model_validator
 from torch import nn
 
+from rwray.registry import Params
+
 Norm = Literal["batch", "group"]
+
+
+class NormParams(Params):
+    """The normalisation every model's params share."""
+
+    norm: Norm = "batch"
+    # BatchNorm statistics over the global batch (all workers' samples) instead of each worker's share: what a
+    # single-GPU recipe's BatchNorm saw when its batch is now spread over several workers (rwray.models.sync_bn).
+    sync_bn: bool = False
+
+    @model_validator(mode="after")
+    def _sync_needs_batch_norm(self) -> "NormParams":
+        if self.sync_bn and self.norm != "batch":
+            raise ValueError(f"sync_bn synchronises BatchNorm statistics; norm: {self.norm} has none (each sample "
+                             f"is normalised on its own): drop sync_bn or use norm: batch")
+        return self
 
 
 def norm2d(kind: Norm, channels: int) -> nn.Module:

@@ -11,20 +11,17 @@ from pydantic import Field
 from torch import nn
 
 from rwray.datainfo import DataInfo
-from rwray.models.layers import Norm, head, norm2d
-from rwray.registry import Params
+from rwray.models.layers import Norm, NormParams, head, norm2d
 
 
-class ResNet32Params(Params):
+class ResNet32Params(NormParams):
     name: Literal["resnet32"] = "resnet32"
-    norm: Norm = "batch"
     normed_head: bool = False  # cosine classifier (LDAM recipe)
     dropout: float = Field(0.0, ge=0, lt=1)  # before the classifier (ABSGD CIFAR-10 recipe uses 0.2)
 
 
-class ResNet18Params(Params):
+class ResNet18Params(NormParams):
     name: Literal["resnet18"] = "resnet18"
-    norm: Norm = "batch"
     normed_head: bool = False
     dropout: float = Field(0.0, ge=0, lt=1)
 

@@ -21,9 +21,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from rwray.datainfo import DataInfo
-from rwray.models.layers import Norm, head, norm2d
+from rwray.models.layers import Norm, NormParams, head, norm2d
 from rwray.models.weights import WeightsPath, maybe_load
-from rwray.registry import Params
 
 Arch = Literal["resnet10", "resnet18_imagenet", "resnet50", "resnet152", "resnext50_32x4d"]
 
@@ -38,9 +37,8 @@ ARCHS: dict[str, tuple[type[nn.Module], list[int], int, int]] = {
 }
 
 
-class _ImageNetParams(Params):
+class _ImageNetParams(NormParams):
     name: Arch  # each subclass pins its own
-    norm: Norm = "batch"  # "group": per-sample forward independent of the batch (see layers.norm2d)
     normed_head: bool = False  # cosine classifier (LDAM recipe)
     dropout: float = Field(0.0, ge=0, lt=1)  # before the classifier
     weights: WeightsPath | None = None  # a local state dict to start from (rwray.models.weights)

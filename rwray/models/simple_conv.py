@@ -15,16 +15,14 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from rwray.datainfo import DataInfo
-from rwray.models.layers import Norm, norm2d
-from rwray.registry import Params
+from rwray.models.layers import NormParams, norm2d
 
 WIDTHS = (16, 32, 64, 128)
 
 
-class SimpleConvParams(Params):
+class SimpleConvParams(NormParams):
     name: Literal["simple_conv"] = "simple_conv"
     kernel: int = Field(7, ge=1, description="conv kernel size: 7 for the target net f, 1 for the biased net g")
-    norm: Norm = "batch"
 
     @field_validator("kernel")
     @classmethod

@@ -9,14 +9,12 @@ from pydantic import Field
 from torch import nn
 
 from rwray.datainfo import DataInfo
-from rwray.models.layers import Norm, head, norm2d
-from rwray.registry import Params
+from rwray.models.layers import NormParams, head, norm2d
 
 
-class SmallCNNParams(Params):
+class SmallCNNParams(NormParams):
     name: Literal["small_cnn"] = "small_cnn"
     width: int = Field(32, ge=4)
-    norm: Norm = "batch"
     normed_head: bool = False
     dropout: float = Field(0.0, ge=0, lt=1)
 

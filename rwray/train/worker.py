@@ -14,7 +14,7 @@ from rwray.config import Config
 from rwray.data import Manifest
 from rwray.datainfo import DataInfo
 from rwray.methods import METHODS, Method
-from rwray.models import MODELS
+from rwray.models import MODELS, sync_bn
 from rwray.optim import build_optimizer, build_scheduler
 from rwray.train.compiling import compile_model
 from rwray.train.decoupled import classifier_of, prepare_stage
@@ -57,6 +57,8 @@ def build(cfg: Config) -> Worker:
     model = prepare_stage(MODELS.build(cfg.model, info), info.num_classes, cfg.train.init_from,
                           cfg.train.trainable, cfg.train.reinit_classifier, tau_norm=cfg.train.tau_norm,
                           frozen_mode=cfg.train.frozen_mode)
+    if getattr(cfg.model, "sync_bn", False):
+        model = sync_bn.convert(model, device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
