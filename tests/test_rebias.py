@@ -300,6 +300,35 @@ def test_learned_mixin_objective_fc_update_and_frozen_g():
     assert method.end_epoch(1) == {"learned_mixin/g_frozen": 1.0}
 
 
+def test_learned_mixin_g_pretrain_first_trains_g_alone_then_f():
+    """g_pretrain first (the ReBias code's pretrain()): during the first g_pretrain_epochs the loop's epoch moves g
+    only: f's weights and BatchNorm statistics and the scale head stay bit-for-bit, although f's optimizer has weight
+    decay; from the next epoch f trains and g is frozen."""
+    from rwray.train.batches import Batch
+    from rwray.train.epoch import train_epoch
+
+    params = LearnedMixinParams(g_pretrain_epochs=1, g_pretrain="first")
+    f = f_net()
+    method = build(params, f)
+    opt = torch.optim.Adam(f.parameters(), lr=1e-2, weight_decay=1e-4)
+    data = [Batch(*batch(30 + i), torch.arange(12)) for i in range(2)]
+    f0, fc0, g0 = (copy.deepcopy(m.state_dict()) for m in (f, method.heads["fc"], method.g))
+    assert not method.trains_model(0) and method.trains_model(1)
+    method.begin_epoch(0)
+    out0 = train_epoch(f, method, opt, data, 0)
+    assert all(torch.equal(v, f.state_dict()[k]) for k, v in f0.items())  # running stats too
+    assert all(torch.equal(v, method.heads["fc"].state_dict()[k]) for k, v in fc0.items())
+    assert not all(torch.equal(v, method.g.state_dict()[k]) for k, v in g0.items())
+    with torch.no_grad():  # the recorded train loss is f's plain CE (mean over both batches, f unchanged)
+        want = torch.cat([F.cross_entropy(f.eval()(b.x), b.y, reduction="none") for b in data]).mean()
+    assert out0["train/loss"] == pytest.approx(float(want), rel=1e-5)
+    method.begin_epoch(1)
+    g1 = copy.deepcopy(method.g.state_dict())
+    train_epoch(f, method, opt, data, 1)
+    assert not all(torch.equal(v, f.state_dict()[k]) for k, v in f0.items())
+    assert all(torch.equal(v, method.g.state_dict()[k]) for k, v in g1.items())
+
+
 # ------------------------------------------------------------------------------------------ f-only baselines
 
 

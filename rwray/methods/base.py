@@ -96,6 +96,11 @@ class Method:
     def step(self, inputs: StepInputs) -> StepOutput:
         raise NotImplementedError
 
+    def trains_model(self, epoch: int) -> bool:
+        """Whether the loop updates the model during ``epoch``. False: only the method's own networks train (e.g.
+        LearnedMixin's g alone before f starts); the loop still runs `step` and records its losses."""
+        return True
+
     def end_epoch(self, epoch: int) -> dict[str, float]:
         """Called after each training epoch; returns epoch-level metrics to record."""
         return {}

@@ -2,7 +2,8 @@
 logits mixed with the biased network's log-probabilities at a learned, per-sample scale, so it need not fit what g
 explains; the entropy term keeps the scale from collapsing to 0,
 
-  g: CE(g) for g_pretrain_epochs, then frozen (eval mode)
+  g: CE(g) for g_pretrain_epochs, then frozen (eval mode); g_pretrain: first (the ReBias code's
+     --n_g_pretrain_epochs) trains g alone in those epochs, before f starts; alongside trains f from epoch 0
   f: CE(f_logits + s·log p_g) + w·H(softmax(s·log p_g)),  s = softplus(fc(f_feat))
 
 fc is trained by the exact split of the joint loss described in rwray/methods/two_network.py.
@@ -35,6 +36,10 @@ class LearnedMixinParams(Params):
     name: Literal["learned_mixin"] = "learned_mixin"
     entropy_weight: float = Field(0.36, ge=0, description="w of the +H entropy penalty (Clark et al.)")
     g_pretrain_epochs: int = Field(5, ge=0, description="epochs g trains on CE before it is frozen")
+    g_pretrain: Literal["alongside", "first"] = Field(
+        "alongside", description="alongside: f trains from epoch 0 while g pre-trains; first: the first "
+        "g_pretrain_epochs epochs train g alone (f and its scale head wait), as the ReBias code does, so f trains "
+        "train.epochs - g_pretrain_epochs epochs (shift f's schedule milestones by as many)")
     g: GModel = Field(default_factory=g_default)
     g_optim: AuxOptimParams = Field(default_factory=AuxOptimParams)
 
@@ -56,10 +61,11 @@ class LearnedMixin(TwoNetMethod):
     """LearnedMixin+H (Clark et al., EMNLP 2019). Clark mixes log p_f + s·log p_g; using f's logits instead of log p_f
     and log p_g instead of g's logits changes each row by a constant, which neither the softmax nor the entropy sees.
 
-    g is not pre-trained before f starts: the loop updates f on every batch of every epoch, and zero weights would not
-    stop it (Adam's L2 weight decay alone moves each weight by ~lr per step). So g trains on CE alongside f for the
-    first `g_pretrain_epochs` epochs (a 1x1 net learns the colour within the first epoch) and is frozen, in eval mode,
-    afterwards; f is trained on the LearnedMixin+H objective throughout.
+    With g_pretrain alongside, g trains on CE beside f for the first `g_pretrain_epochs` epochs (a 1x1 net learns the
+    colour within the first epoch) and is frozen, in eval mode, afterwards; f is trained on the LearnedMixin+H
+    objective throughout. With g_pretrain first, `trains_model` tells the loop to leave f alone (no backward, no
+    optimizer step: zero loss weights would not do, as Adam's L2 weight decay alone moves each weight by ~lr per
+    step) while g pre-trains, as the ReBias code's pretrain() does before f's epochs.
     """
 
     tag = "learned_mixin"
@@ -73,9 +79,16 @@ class LearnedMixin(TwoNetMethod):
     def g_frozen(self) -> bool:
         return self.epoch >= self.params.g_pretrain_epochs
 
+    def trains_model(self, epoch: int) -> bool:
+        return not (self.params.g_pretrain == "first" and epoch < self.params.g_pretrain_epochs)
+
     def step(self, inputs: StepInputs) -> StepOutput:
         w_h = self.params.entropy_weight
         metrics: dict[str, torch.Tensor] = {}
+        if not self.trains_model(self.epoch):  # g alone: f's plain CE is recorded, nothing of f or fc moves
+            metrics["g_ce"], _ = self.g_update(inputs)
+            losses = cross_entropy(full_precision(inputs.logits).detach(), inputs.y)  # [B]
+            return StepOutput(losses=losses, weights=torch.ones_like(losses), metrics=self.scalars(self.tag, metrics))
         if not self.g_frozen:
             metrics["g_ce"], _ = self.g_update(inputs)
         g_logits, _ = self.g_eval(inputs, train_mode=not self.g_frozen)  # frozen g: a fixed function (eval mode)

@@ -127,7 +127,8 @@ def train_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, ba
     ``totals`` continues an epoch resumed mid-way (its step count numbers the steps) and is updated in place, so
     ``on_step(step)``, which runs after each step (progress, mid-epoch checkpoints), sees it current. Out of
     accelerator memory raises `BatchTooLarge` naming data.batch_size."""
-    model.train()
+    trains = method.trains_model(epoch)  # False: only the method's own networks learn; the model runs as in eval
+    model.train(trains)
     t = totals if totals is not None else EpochTotals()
     started = time.perf_counter()
     opt.zero_grad(set_to_none=True)
@@ -138,16 +139,17 @@ def train_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, ba
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
         try:
             with sync:
-                with autocast(b.x.device, amp):
+                with autocast(b.x.device, amp), torch.set_grad_enabled(trains):
                     logits, feats = model(b.x, return_features=True)
                 out = method.step(StepInputs(model, b.x, b.y, b.index, logits, feats, epoch, step, b.extras, b.mix,
                                                  lr=opt.param_groups[-1]["lr"]))
                 bad = ~torch.isfinite(out.losses.detach()) | ~torch.isfinite(out.weights)
                 if bad.any():
                     raise NonFiniteLoss(epoch, step, b.index[bad].tolist())
-                loss = weighted_loss(out) / grad_accum
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            if last_micro:
+                if trains:
+                    loss = weighted_loss(out) / grad_accum
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+            if last_micro and trains:
                 _record(t, update(model, opt, clip_grad_norm, ema, scaler))
         except OOM as e:
             raise _oom("data.batch_size", len(b.y), f"at epoch {epoch}, step {step}", grad_accum, e) from None
@@ -160,7 +162,7 @@ def train_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, ba
         t.steps = step + 1
         if on_step is not None:
             on_step(step)
-    if t.steps % grad_accum != 0 and t.steps > first:  # a trailing partial accumulation still updates
+    if trains and t.steps % grad_accum != 0 and t.steps > first:  # a trailing partial accumulation still updates
         _record(t, update(model, opt, clip_grad_norm, ema, scaler))
     t.train_s += time.perf_counter() - started
     device = next(model.parameters()).device
