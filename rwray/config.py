@@ -269,14 +269,19 @@ class TuneConfig(Section):
         return self
 
 
+ReferenceMetric = Literal["test/top1", "test/balanced_acc", "test/few_acc", "test/many_acc", "test/medium_acc",
+                          "test/macro_f1", "test/cluster_unbiased_acc", "test_unbiased/top1", "imagenet_a/top1"]
+
+
 class Reference(Section):
-    """A published number this job reproduces."""
+    """A published number this job reproduces (docs/references.md registers each with its upstream source)."""
 
     value: float  # in percent, as papers print it
-    metric: Literal["test/top1", "test/balanced_acc", "test/few_acc", "test/many_acc", "test/medium_acc",
-                    "test/macro_f1", "test/cluster_unbiased_acc", "test_unbiased/top1",
-                    "imagenet_a/top1"] = "test/top1"
+    metric: ReferenceMetric = "test/top1"
     source: str  # paper + table (+ repository when the number is from its README)
+    # The same row's other published columns, metric -> value (e.g. ReBias's unbiased and ImageNet-A accuracy):
+    # a report shows each beside the table column of that metric.
+    also: dict[ReferenceMetric, float] = {}
 
 
 class Config(Section):

@@ -49,7 +49,8 @@ def report(path: str | Path, out: Path | None = None, parent_run_id: str | None 
         runs = [r for r in children if r.data.tags.get("rwray.row") == label]
         metric = cfg.reference.metric if cfg.reference else tj.table.metric
         vals = _values(runs, Column(metric=metric))
-        extra = "".join(f"{_mean_std(_values(runs, col), 1 if col.percent else 2)} | " for col in cols)
+        extra = "".join(f"{_mean_std(_values(runs, col), 1 if col.percent else 2)}{_paper(cfg, col)} | "
+                        for col in cols)
         paper = f"{cfg.reference.value:.1f}" if cfg.reference else "-"
         lines.append(f"| {label} | {metric} | {_mean_std(vals)} | {extra}{len(vals)} | {paper} | "
                      f"{cfg.reference.source if cfg.reference else ''} |")
@@ -84,6 +85,12 @@ def _values(runs: list, col: Column) -> list[float]:
     """One value per run that logged the column's metric (best/<metric> or the last value), in percent if asked."""
     key = best_key(col.metric) if col.at == "best" else col.metric
     return [(100 if col.percent else 1) * r.data.metrics[key] for r in runs if key in r.data.metrics]
+
+
+def _paper(cfg, col: Column) -> str:
+    """' (paper X)' where the row's reference publishes this column's metric too (at the selected epoch)."""
+    also = cfg.reference.also if cfg.reference else {}
+    return f" (paper {also[col.metric]:.1f})" if col.at == "best" and col.metric in also else ""
 
 
 def _mean_std(vals: list[float], digits: int = 1) -> str:
