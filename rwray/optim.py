@@ -36,6 +36,10 @@ class ScheduleConfig(Params):
     # Step the schedule at the start of each epoch, before it trains, as Balanced Meta-Softmax's loop does: epoch e
     # (0-based) trains at the factor the default gives epoch e + 1, so a cosine's last epoch runs at its floor.
     step_first: bool = False
+    # Epochs before the schedule starts, in which the model is not trained (LearnedMixin's g-only pre-training,
+    # method.g_pretrain: first): epoch e follows the schedule's epoch e - delay_epochs, over train.epochs -
+    # delay_epochs, so the model's own epochs see the whole schedule (milestones count from its first epoch).
+    delay_epochs: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _sorted(self) -> "ScheduleConfig":
@@ -69,7 +73,8 @@ def step_factor(milestones: Sequence[int], gamma: float, epoch: int) -> float:
 
 def lr_factor(cfg: ScheduleConfig, epoch: int, total_epochs: int) -> float:
     """Multiplier of the base lr during `epoch` (0-based): linear warm-up, then step decay or cosine."""
-    epoch += int(cfg.step_first)
+    epoch = max(epoch - cfg.delay_epochs, 0) + int(cfg.step_first)
+    total_epochs = max(total_epochs - cfg.delay_epochs, 1)
     if epoch < cfg.warmup_epochs:
         return (epoch + 1) / cfg.warmup_epochs
     if cfg.name == "step":

@@ -57,6 +57,16 @@ def test_step_first_trains_each_epoch_at_the_next_epochs_factor_so_a_cosine_ends
     assert lr_factor(ScheduleConfig(name="cosine"), 0, E) == 1.0  # the default: the first epoch at the full lr
 
 
+def test_delay_epochs_start_the_schedule_after_the_untrained_epochs():
+    """5 g-only epochs, then f's 80 under StepLR(20, 0.1) as the ReBias code runs them: milestones count from f's
+    first epoch, and a cosine spans f's epochs only."""
+    step = ScheduleConfig(name="step", milestones=[20, 40, 60], delay_epochs=5)
+    assert [lr_factor(step, e, 85) for e in (0, 4, 5, 24, 25, 45, 65, 84)] == pytest.approx(
+        [1, 1, 1, 1, 0.1, 0.01, 0.001, 0.001])
+    cos = ScheduleConfig(name="cosine", delay_epochs=30)
+    assert lr_factor(cos, 30, 150) == 1.0 and lr_factor(cos, 90, 150) == pytest.approx(0.5)
+
+
 def test_classifier_lr_puts_the_head_in_its_own_group_and_both_follow_the_schedule():
     from torch import nn
 
