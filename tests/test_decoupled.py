@@ -106,13 +106,13 @@ def test_crt_on_ray_keeps_the_first_stage_features_and_retrains_the_head(tmp_pat
     checkpoints are stage 1's, bit for bit."""
     from rwray.train.launch import run
 
-    first = run(job(tmp_path, digits_dir, name="stage1", train={"epochs": 2}))
+    first = run(job(tmp_path, digits_dir, name="stage1", train={"epochs": 1}))
     second = run(job(tmp_path, digits_dir, name="stage2", data={"sampler": "class_balanced"},
-                     train={"epochs": 2, "init_from": first.checkpoint_path, "trainable": "classifier",
+                     train={"epochs": 1, "init_from": first.checkpoint_path, "trainable": "classifier",
                             "reinit_classifier": True}))
     # BALMS: the Meta Sampler's class weights on uniform batches, its rates learned on the all-gathered batch
     balms = run(job(tmp_path, digits_dir, name="stage2-balms", method={"name": "meta_sampler", "init_pow": 0.3},
-                    train={"epochs": 2, "init_from": first.checkpoint_path, "trainable": "classifier",
+                    train={"epochs": 1, "init_from": first.checkpoint_path, "trainable": "classifier",
                            "reinit_classifier": True}))
     a = checkpoint.load(first.checkpoint_path)["model"]
     for second_stage in (second, balms):
