@@ -58,7 +58,7 @@ To see more information about memory usage on this node, use `ray logs raylet.ou
 Top 10 memory users: PID\tMEM(GB)\tCOMMAND
 14460\t1.90\tray::RayTrainWorker
 8175\t0.66\tpython -m pytest tests/test_train_e2e.py -x -q
-12262\t0.56\t/work/main/.venv/bin/python3 /work/main/.venv/bin/rwray train /tmp/oomx/job.yaml
+12262\t0.56\t/home/user/.venv/bin/python3 /home/user/.venv/bin/rwray train /tmp/oomx/job.yaml
 13774\t0.37\tray::TrainController.run
 Refer to the documentation on how to address the out of memory issue: https://docs.ray.io/en/latest/ray-observab\
 ility/user-guides/debug-apps/debug-memory.html. Consider provisioning more memory on this node or reducing task \
@@ -282,8 +282,8 @@ def test_the_driver_completes_the_controllers_report(tmp_path):
         "step 3 of 29.",
         "  memory: the process used 1.9 GiB; node 192.0.2.2 had 7.3 of 23.5 GiB in use (31%), over Ray's kill "
         "threshold of 31% (RAY_memory_usage_threshold, read when Ray starts); other processes held 5.4 GiB of it "
-        "(largest: pid 8175 python -m pytest tests/test_train_e2e.py... 0.7 GiB, pid 12262 /work/main/.venv/bin/"
-        "python3 /work/main/... 0.6 GiB)",
+        "(largest: pid 8175 python -m pytest tests/test_train_e2e.py... 0.7 GiB, pid 12262 /home/user/.venv/bin/"
+        "python3 /home/user/... 0.6 GiB)",
         "  retries: Ray Train restarted the workers 1 time from the last checkpoint and they ran out of memory again "
         "before reaching another one: further restarts (train.max_failures=3) would only repeat it",
         "  fix: lower data.batch_size (now 16; data.batch_size=8 with train.grad_accum=2 keeps the effective batch) "

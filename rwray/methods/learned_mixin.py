@@ -39,7 +39,8 @@ class LearnedMixinParams(Params):
     g_pretrain: Literal["alongside", "first"] = Field(
         "alongside", description="alongside: f trains from epoch 0 while g pre-trains; first: the first "
         "g_pretrain_epochs epochs train g alone (f and its scale head wait), as the ReBias code does, so f trains "
-        "train.epochs - g_pretrain_epochs epochs (shift f's schedule milestones by as many)")
+        "train.epochs - g_pretrain_epochs epochs (set schedule.delay_epochs to g_pretrain_epochs so f's schedule "
+        "starts with f)")
     g: GModel = Field(default_factory=g_default)
     g_optim: AuxOptimParams = Field(default_factory=AuxOptimParams)
 
